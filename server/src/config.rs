@@ -1,0 +1,106 @@
+//! Command-line and environment configuration of `workbroker serve` and
+//! `workbroker migrate`, and its translation into [`ServerConfig`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::reaper::ReaperConfig;
+use crate::server::ServerConfig;
+use crate::service::BatcherSettings;
+use crate::service::validate::Limits;
+use crate::store::StoreConfig;
+
+/// How to reach PostgreSQL.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL, e.g. postgres://postgres@127.0.0.1:5432/workbroker
+    #[arg(long, env = "DATABASE_URL")]
+    pub database_url: String,
+
+    /// Most database connections this replica opens.
+    #[arg(long, env = "WORKBROKER_MAX_CONNECTIONS", default_value_t = 20)]
+    pub max_connections: u32,
+}
+
+impl DatabaseArgs {
+    pub fn store_config(&self) -> StoreConfig {
+        StoreConfig {
+            database_url: self.database_url.clone(),
+            max_connections: self.max_connections.max(2),
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Flags of `workbroker serve`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+
+    /// Address of the gRPC listener.
+    #[arg(long, env = "WORKBROKER_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Address other replicas and clients reach this one at (default: the listen address).
+    #[arg(long, env = "WORKBROKER_ADVERTISE_ADDRESS")]
+    pub advertise_address: Option<String>,
+
+    /// Unique id of this replica (default: a random one).
+    #[arg(long, env = "WORKBROKER_MEMBER_ID")]
+    pub member_id: Option<String>,
+
+    /// Do not apply database migrations at start.
+    #[arg(long, env = "WORKBROKER_NO_MIGRATE")]
+    pub no_migrate: bool,
+
+    /// Largest job payload or ack result, in bytes.
+    #[arg(long, env = "WORKBROKER_MAX_PAYLOAD_BYTES", default_value_t = 1024 * 1024)]
+    pub max_payload_bytes: usize,
+
+    /// Largest gRPC message the broker decodes, in bytes (raised to fit the payload limit).
+    #[arg(long, env = "WORKBROKER_MAX_MESSAGE_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Seconds a shutdown waits for in-flight jobs to be acked before releasing them.
+    #[arg(
+        long,
+        env = "WORKBROKER_SHUTDOWN_GRACE_SECONDS",
+        default_value_t = 10.0
+    )]
+    pub shutdown_grace_seconds: f64,
+
+    /// Milliseconds between two reaper passes.
+    #[arg(long, env = "WORKBROKER_REAPER_INTERVAL_MS", default_value_t = 1000)]
+    pub reaper_interval_ms: u64,
+}
+
+impl ServeArgs {
+    pub fn server_config(&self) -> ServerConfig {
+        let member_id = self.member_id.clone().unwrap_or_else(|| {
+            format!(
+                "broker-{}",
+                &uuid::Uuid::new_v4().simple().to_string()[..12]
+            )
+        });
+        ServerConfig {
+            store: self.database.store_config(),
+            migrate: !self.no_migrate,
+            limits: Limits {
+                max_payload_bytes: self.max_payload_bytes,
+            },
+            max_message_bytes: self
+                .max_message_bytes
+                .max(self.max_payload_bytes + 64 * 1024),
+            shutdown_grace: Duration::from_secs_f64(self.shutdown_grace_seconds.clamp(0.0, 3600.0)),
+            reaper: ReaperConfig {
+                interval: Duration::from_millis(self.reaper_interval_ms.clamp(10, 60_000)),
+                ..ReaperConfig::default()
+            },
+            member_id,
+            advertise_address: self.advertise_address.clone(),
+            batchers: BatcherSettings::default(),
+            watch_poll_interval: Duration::from_millis(500),
+        }
+    }
+}

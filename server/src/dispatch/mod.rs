@@ -1,0 +1,557 @@
+//! Dispatch: pushing jobs to lease streams, and group commit for everything
+//! else on the hot path.
+//!
+//! # Lease streams, windows and slots
+//!
+//! Each `Lease` RPC registers a [`LeaseStream`] with a window of
+//! `max_in_flight` plus credits. The stream's own task leases at most
+//! `window - held` jobs in one statement and pushes them; it then sleeps until
+//! something can change that: a slot frees (ack, nack, cancel), a credit
+//! arrives, a queue it reads gets a notification (`LISTEN workbroker_jobs`,
+//! sent by whichever replica enqueued), or the next scheduled job of its
+//! queues falls due. No client ever polls.
+//!
+//! A slot frees when an ack or nack names a `(job, token)` the stream holds,
+//! whatever the outcome, or when a held job is cancelled. Acks may arrive at
+//! another replica than the one holding the stream: that replica announces
+//! the tokens on `workbroker_leases` and the holder frees the slots.
+//!
+//! # Invariants
+//!
+//! - A stream never holds more than its window: slots are taken under the
+//!   stream's lock before jobs are sent, and the lease statement never asks
+//!   for more than the free slots.
+//! - Dispatch state is only an optimisation: the database decides. When a
+//!   stream ends, its held leases are released with a fenced statement; if
+//!   that fails (database down) they simply expire.
+
+pub mod batcher;
+pub mod listener;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::store::{self, HeldLease, JobRecord, LeaseParams, Store};
+
+/// Largest number of jobs one lease statement asks for.
+pub const MAX_LEASE_BATCH: u32 = 1000;
+/// Largest window one stream may have.
+pub const MAX_WINDOW: u32 = 100_000;
+/// How often an idle stream looks for work even without a notification
+/// (guards against notifications lost while the LISTEN connection was down).
+const IDLE_RECHECK: Duration = Duration::from_secs(5);
+/// Margin added to a scheduled job's due time before looking again.
+const DUE_MARGIN: Duration = Duration::from_millis(2);
+
+/// What a lease stream leases.
+#[derive(Clone, Debug)]
+pub struct LeaseFilter {
+    pub worker_id: String,
+    pub queues: Vec<String>,
+    pub kinds: Vec<String>,
+    pub lease_duration: Option<Duration>,
+}
+
+/// What the dispatcher sends down a lease stream.
+#[derive(Debug)]
+pub enum StreamEvent {
+    /// Newly leased jobs.
+    Leased(Vec<JobRecord>),
+    /// A held job was cancelled; its slot is free.
+    Cancelled { job_id: i64, lease_token: Uuid },
+    /// The stream is being closed by the broker (shutdown).
+    Closing,
+}
+
+type StreamId = u64;
+
+#[derive(Debug, Default)]
+struct StreamState {
+    window: u32,
+    held: HashMap<Uuid, i64>,
+    /// Bumped by every notification for one of the stream's queues.
+    work_epoch: u64,
+    /// Set when a lease came back short: the epoch it saw. No more leasing
+    /// until the epoch moves or the due timer fires.
+    dry_at_epoch: Option<u64>,
+    closed: bool,
+}
+
+/// One registered `Lease` stream.
+#[derive(Debug)]
+pub struct LeaseStream {
+    id: StreamId,
+    filter: LeaseFilter,
+    state: Mutex<StreamState>,
+    wake: Notify,
+    events: mpsc::UnboundedSender<StreamEvent>,
+    stop: CancellationToken,
+}
+
+impl LeaseStream {
+    fn state(&self) -> MutexGuard<'_, StreamState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Widens the window. Errors when the window would exceed [`MAX_WINDOW`].
+    pub fn add_credit(&self, count: u32) -> Result<(), WindowError> {
+        {
+            let mut state = self.state();
+            let widened = state
+                .window
+                .checked_add(count)
+                .filter(|window| *window <= MAX_WINDOW);
+            let Some(widened) = widened else {
+                return Err(WindowError { limit: MAX_WINDOW });
+            };
+            state.window = widened;
+        }
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Number of jobs the stream holds now.
+    pub fn held(&self) -> usize {
+        self.state().held.len()
+    }
+
+    /// The stream's filter.
+    pub fn filter(&self) -> &LeaseFilter {
+        &self.filter
+    }
+
+    /// Resolves when the receiving side of the stream's events is gone
+    /// (the client went away).
+    pub async fn outbound_closed(&self) {
+        self.events.closed().await;
+    }
+}
+
+/// A credit would make the window larger than allowed.
+#[derive(Debug, thiserror::Error)]
+#[error("window would exceed {limit} jobs")]
+pub struct WindowError {
+    pub limit: u32,
+}
+
+#[derive(Debug, Default)]
+struct Registry {
+    streams: HashMap<StreamId, Arc<LeaseStream>>,
+    by_queue: HashMap<String, HashSet<StreamId>>,
+    /// Every lease held by a local stream, by token.
+    leases: HashMap<Uuid, StreamId>,
+    next_id: StreamId,
+}
+
+/// The per-replica dispatcher. Shared by the services and the listener.
+#[derive(Debug)]
+pub struct Dispatcher {
+    store: Store,
+    registry: Mutex<Registry>,
+    changes: broadcast::Sender<i64>,
+    leasing: CancellationToken,
+}
+
+/// Per-stream summary for status and logs.
+#[derive(Clone, Debug)]
+pub struct StreamSummary {
+    pub worker_id: String,
+    pub queues: Vec<String>,
+    pub window: u32,
+    pub held: usize,
+}
+
+impl Dispatcher {
+    pub fn new(store: Store) -> Arc<Self> {
+        let (changes, _) = broadcast::channel(4096);
+        Arc::new(Self {
+            store,
+            registry: Mutex::new(Registry::default()),
+            changes,
+            leasing: CancellationToken::new(),
+        })
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        self.registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers a stream and starts its lease task. Events arrive on the
+    /// returned receiver; the stream ends when `close_stream` is called.
+    pub fn open_stream(
+        self: &Arc<Self>,
+        filter: LeaseFilter,
+        window: u32,
+    ) -> (Arc<LeaseStream>, mpsc::UnboundedReceiver<StreamEvent>) {
+        let (events, receiver) = mpsc::unbounded_channel();
+        let stream = {
+            let mut registry = self.registry();
+            registry.next_id += 1;
+            let id = registry.next_id;
+            let stream = Arc::new(LeaseStream {
+                id,
+                filter,
+                state: Mutex::new(StreamState {
+                    window,
+                    ..StreamState::default()
+                }),
+                wake: Notify::new(),
+                events,
+                stop: CancellationToken::new(),
+            });
+            for queue in &stream.filter.queues {
+                registry
+                    .by_queue
+                    .entry(queue.clone())
+                    .or_default()
+                    .insert(id);
+            }
+            registry.streams.insert(id, stream.clone());
+            stream
+        };
+        tracing::debug!(stream = stream.id, worker_id = %stream.filter.worker_id, queues = ?stream.filter.queues, window, "lease stream opened");
+        tokio::spawn(self.clone().lease_loop(stream.clone()));
+        (stream, receiver)
+    }
+
+    /// Unregisters a stream and releases every lease it still holds.
+    pub async fn close_stream(&self, stream: &LeaseStream, reason: &str) {
+        stream.stop.cancel();
+        let held: Vec<HeldLease> = {
+            let mut registry = self.registry();
+            registry.streams.remove(&stream.id);
+            for queue in &stream.filter.queues {
+                if let Some(ids) = registry.by_queue.get_mut(queue) {
+                    ids.remove(&stream.id);
+                    if ids.is_empty() {
+                        registry.by_queue.remove(queue);
+                    }
+                }
+            }
+            let mut state = stream.state();
+            state.closed = true;
+            let held: Vec<HeldLease> = state
+                .held
+                .drain()
+                .map(|(lease_token, job_id)| HeldLease {
+                    job_id,
+                    lease_token,
+                })
+                .collect();
+            for lease in &held {
+                registry.leases.remove(&lease.lease_token);
+            }
+            held
+        };
+        if held.is_empty() {
+            return;
+        }
+        match self.store.jobs_release_many(&held, reason).await {
+            Ok(returned) => {
+                tracing::info!(worker_id = %stream.filter.worker_id, requeued = returned.requeued, dead = returned.dead, "released leases of a closed stream");
+                self.publish_changes(held.iter().map(|lease| lease.job_id));
+            }
+            Err(error) => {
+                tracing::warn!(worker_id = %stream.filter.worker_id, leases = held.len(), %error, "could not release leases; they will expire");
+            }
+        }
+    }
+
+    /// A notification said `queue` may have work: wake its streams.
+    pub fn queue_has_work(&self, queue: &str) {
+        let streams: Vec<Arc<LeaseStream>> = {
+            let registry = self.registry();
+            registry
+                .by_queue
+                .get(queue)
+                .map(|ids| {
+                    ids.iter()
+                        .filter_map(|id| registry.streams.get(id).cloned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for stream in streams {
+            stream.state().work_epoch += 1;
+            stream.wake.notify_one();
+        }
+    }
+
+    /// Wakes every stream to look for work (after notifications may have been lost).
+    pub fn wake_all(&self) {
+        let streams: Vec<Arc<LeaseStream>> = self.registry().streams.values().cloned().collect();
+        for stream in streams {
+            stream.state().work_epoch += 1;
+            stream.wake.notify_one();
+        }
+    }
+
+    /// Acks or nacks named these leases: free the slots of local streams that
+    /// hold them. Returns the leases no local stream holds.
+    pub fn leases_settled(&self, leases: &[HeldLease]) -> Vec<HeldLease> {
+        let mut foreign = Vec::new();
+        let mut woken: Vec<Arc<LeaseStream>> = Vec::new();
+        {
+            let mut registry = self.registry();
+            for lease in leases {
+                let Some(stream_id) = registry.leases.get(&lease.lease_token).copied() else {
+                    foreign.push(*lease);
+                    continue;
+                };
+                let Some(stream) = registry.streams.get(&stream_id).cloned() else {
+                    registry.leases.remove(&lease.lease_token);
+                    continue;
+                };
+                let mut state = stream.state();
+                if state.held.get(&lease.lease_token) == Some(&lease.job_id) {
+                    state.held.remove(&lease.lease_token);
+                    drop(state);
+                    registry.leases.remove(&lease.lease_token);
+                    woken.push(stream);
+                } else {
+                    drop(state);
+                    foreign.push(*lease);
+                }
+            }
+        }
+        for stream in woken {
+            stream.wake.notify_one();
+        }
+        foreign
+    }
+
+    /// A job was cancelled while leased: if a local stream holds that lease,
+    /// tell it and free the slot. Returns whether a local stream held it.
+    pub fn lease_cancelled(&self, job_id: i64, lease_token: Uuid) -> bool {
+        let stream = {
+            let mut registry = self.registry();
+            let Some(stream_id) = registry.leases.get(&lease_token).copied() else {
+                return false;
+            };
+            let Some(stream) = registry.streams.get(&stream_id).cloned() else {
+                return false;
+            };
+            let mut state = stream.state();
+            if state.held.remove(&lease_token).is_none() {
+                return false;
+            }
+            drop(state);
+            registry.leases.remove(&lease_token);
+            stream
+        };
+        let _ = stream.events.send(StreamEvent::Cancelled {
+            job_id,
+            lease_token,
+        });
+        stream.wake.notify_one();
+        true
+    }
+
+    /// Subscribes to ids of jobs this replica changed (for WatchJob).
+    pub fn subscribe_changes(&self) -> broadcast::Receiver<i64> {
+        self.changes.subscribe()
+    }
+
+    /// Announces jobs this replica changed, if anyone is watching.
+    pub fn publish_changes(&self, job_ids: impl IntoIterator<Item = i64>) {
+        if self.changes.receiver_count() == 0 {
+            return;
+        }
+        for job_id in job_ids {
+            let _ = self.changes.send(job_id);
+        }
+    }
+
+    /// Streams, for status pages and logs.
+    pub fn streams(&self) -> Vec<StreamSummary> {
+        self.registry()
+            .streams
+            .values()
+            .map(|stream| {
+                let state = stream.state();
+                StreamSummary {
+                    worker_id: stream.filter.worker_id.clone(),
+                    queues: stream.filter.queues.clone(),
+                    window: state.window,
+                    held: state.held.len(),
+                }
+            })
+            .collect()
+    }
+
+    /// Leases held by local streams.
+    pub fn held_leases(&self) -> usize {
+        self.registry().leases.len()
+    }
+
+    /// Stops handing out new jobs (shutdown, first step).
+    pub fn stop_leasing(&self) {
+        self.leasing.cancel();
+    }
+
+    /// Waits until no local stream holds a lease, or `deadline`.
+    pub async fn wait_drained(&self, deadline: Instant) {
+        while self.held_leases() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Closes every stream (releasing what it holds) and tells clients why.
+    pub async fn close_all(&self, reason: &str) {
+        let streams: Vec<Arc<LeaseStream>> = self.registry().streams.values().cloned().collect();
+        for stream in streams {
+            let _ = stream.events.send(StreamEvent::Closing);
+            self.close_stream(&stream, reason).await;
+        }
+    }
+
+    /// The task behind one stream: lease while there are free slots and
+    /// maybe work, then sleep until something changes.
+    async fn lease_loop(self: Arc<Self>, stream: Arc<LeaseStream>) {
+        let mut due_at: Option<Instant> = None;
+        let mut error_backoff = Duration::from_millis(100);
+        loop {
+            if stream.stop.is_cancelled() || self.leasing.is_cancelled() {
+                return;
+            }
+            let (free, epoch) = {
+                let mut state = stream.state();
+                if due_at.is_some_and(|due| Instant::now() >= due) {
+                    state.dry_at_epoch = None;
+                    due_at = None;
+                }
+                let dry = state.dry_at_epoch == Some(state.work_epoch);
+                let free = (state.window as usize).saturating_sub(state.held.len());
+                (if dry { 0 } else { free }, state.work_epoch)
+            };
+            if free > 0 {
+                let limit = u32::try_from(free)
+                    .unwrap_or(MAX_LEASE_BATCH)
+                    .min(MAX_LEASE_BATCH);
+                match self.lease_into(&stream, limit).await {
+                    Ok(leased) => {
+                        error_backoff = Duration::from_millis(100);
+                        if leased < limit {
+                            stream.state().dry_at_epoch = Some(epoch);
+                            due_at = self.next_due(&stream).await;
+                        }
+                        continue;
+                    }
+                    Err(error) => {
+                        tracing::warn!(worker_id = %stream.filter.worker_id, %error, "lease failed; retrying");
+                        tokio::select! {
+                            () = tokio::time::sleep(error_backoff) => {}
+                            () = stream.stop.cancelled() => return,
+                            () = self.leasing.cancelled() => return,
+                        }
+                        error_backoff = (error_backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                }
+            }
+            let wake_at = due_at.unwrap_or_else(|| Instant::now() + IDLE_RECHECK);
+            tokio::select! {
+                () = stream.wake.notified() => {}
+                () = tokio::time::sleep_until(wake_at) => {
+                    let mut state = stream.state();
+                    state.dry_at_epoch = None;
+                    due_at = None;
+                }
+                () = stream.stop.cancelled() => return,
+                () = self.leasing.cancelled() => return,
+            }
+        }
+    }
+
+    /// Leases up to `limit` jobs for `stream` and sends them. Returns how many.
+    async fn lease_into(&self, stream: &LeaseStream, limit: u32) -> store::Result<u32> {
+        let jobs = self
+            .store
+            .jobs_lease(&LeaseParams {
+                queues: &stream.filter.queues,
+                kinds: &stream.filter.kinds,
+                limit,
+                lease_duration: stream.filter.lease_duration,
+                worker_id: &stream.filter.worker_id,
+            })
+            .await?;
+        let count = u32::try_from(jobs.len()).unwrap_or(u32::MAX);
+        if jobs.is_empty() {
+            return Ok(0);
+        }
+        let accepted = {
+            let mut registry = self.registry();
+            let mut state = stream.state();
+            if state.closed {
+                false
+            } else {
+                for job in &jobs {
+                    if let Some(token) = job.lease_token {
+                        state.held.insert(token, job.id);
+                        registry.leases.insert(token, stream.id);
+                    }
+                }
+                true
+            }
+        };
+        self.publish_changes(jobs.iter().map(|job| job.id));
+        if !accepted
+            || stream
+                .events
+                .send(StreamEvent::Leased(jobs.clone()))
+                .is_err()
+        {
+            // The stream closed while we leased: hand the jobs straight back.
+            let leases: Vec<HeldLease> = jobs
+                .iter()
+                .filter_map(|job| {
+                    job.lease_token.map(|lease_token| HeldLease {
+                        job_id: job.id,
+                        lease_token,
+                    })
+                })
+                .collect();
+            {
+                let mut registry = self.registry();
+                let mut state = stream.state();
+                for lease in &leases {
+                    state.held.remove(&lease.lease_token);
+                    registry.leases.remove(&lease.lease_token);
+                }
+            }
+            self.store
+                .jobs_release_many(&leases, "lease released: worker stream closed")
+                .await?;
+        } else {
+            for job in &jobs {
+                tracing::debug!(job_id = job.id, queue = %job.queue, kind = %job.kind, attempt = job.attempt, worker_id = %stream.filter.worker_id, "job leased");
+            }
+        }
+        Ok(count)
+    }
+
+    async fn next_due(&self, stream: &LeaseStream) -> Option<Instant> {
+        match self
+            .store
+            .jobs_next_due(&stream.filter.queues, &stream.filter.kinds)
+            .await
+        {
+            Ok(Some(until)) => Some(Instant::now() + until + DUE_MARGIN),
+            Ok(None) => None,
+            Err(error) => {
+                tracing::debug!(%error, "could not read the next due time");
+                Some(Instant::now() + Duration::from_secs(1))
+            }
+        }
+    }
+}

@@ -1,0 +1,707 @@
+//! Job statements: enqueue, lease, ack, nack, extend, release, expire, cancel,
+//! redrive, prune, read.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::{
+    AckItem, CancelResult, EnqueuedRecord, Error, ExtendItem, ExtendResult, HeldLease, JobRecord,
+    LeaseParams, ListParams, NackItem, NackResult, NewJobRecord, Result, ReturnedLeases, RunAt,
+    SettleOutcome, Store,
+};
+
+/// Columns of a job read from the `all_jobs` view (public state included).
+macro_rules! job_fields {
+    () => {
+        "j.id, j.queue, j.kind, j.state, j.priority, j.sequence, j.run_at, j.created_at, j.attempt, \
+         j.max_attempts, j.ordering_key, j.dedup_key, j.lease_token, j.lease_expires_at, j.leased_by, \
+         j.last_error, j.payload, j.attributes, j.finished_at, j.result"
+    };
+}
+
+/// Columns of a job read from the hot `jobs` table (`j`), which has no result yet.
+macro_rules! hot_job_fields {
+    () => {
+        "j.id, j.queue, j.kind, \
+         CASE WHEN j.state = 2 AND j.run_at > now() THEN 1::smallint ELSE j.state END AS state, \
+         j.priority, j.sequence, j.run_at, j.created_at, j.attempt, j.max_attempts, j.ordering_key, \
+         j.dedup_key, j.lease_token, j.lease_expires_at, j.leased_by, j.last_error, j.payload, \
+         j.attributes, NULL::timestamptz AS finished_at, NULL::bytea AS result"
+    };
+}
+
+/// `INSERT INTO finished_jobs ... SELECT ... FROM $source`: moves rows that a
+/// `DELETE ... RETURNING j.*` produced into the finished table, with the
+/// terminal state, last error and result given as SQL expressions.
+macro_rules! insert_finished {
+    ($source:literal, $state:literal, $last_error:literal, $result:literal) => {
+        concat!(
+            "INSERT INTO workbroker.finished_jobs (id, queue, kind, state, priority, sequence, run_at, \
+             created_at, attempt, max_attempts, ordering_key, dedup_key, shard, lease_duration, \
+             lease_token, lease_expires_at, leased_by, leased_at, last_error, payload, attributes, \
+             finished_at, result) \
+             SELECT id, queue, kind, ", $state, ", priority, sequence, run_at, created_at, attempt, \
+             max_attempts, ordering_key, dedup_key, shard, lease_duration, lease_token, \
+             lease_expires_at, leased_by, leased_at, ", $last_error, ", payload, attributes, now(), ",
+            $result, " FROM ", $source
+        )
+    };
+}
+
+/// Hands leases back to the queue, or to DEAD when their attempts are used up.
+/// `$targets` is a CTE body yielding `(id, token)` of the leases to return;
+/// `$2` is the error recorded on each job. Ends with one notification per
+/// queue that got work back.
+macro_rules! return_leases {
+    ($targets:literal) => {
+        concat!(
+            "WITH targets AS (", $targets, "), \
+             eligible AS ( \
+                 SELECT j.id, t.token, j.attempt >= j.max_attempts AS to_dead \
+                   FROM targets t JOIN workbroker.jobs j \
+                     ON j.id = t.id AND j.lease_token = t.token AND j.state = 3), \
+             requeued AS ( \
+                 UPDATE workbroker.jobs j \
+                    SET state = 2, run_at = now(), lease_token = NULL, lease_expires_at = NULL, \
+                        leased_by = NULL, leased_at = NULL, last_error = $2 \
+                   FROM eligible e \
+                  WHERE j.id = e.id AND NOT e.to_dead AND j.lease_token = e.token AND j.state = 3 \
+                 RETURNING j.queue), \
+             killed AS ( \
+                 DELETE FROM workbroker.jobs j USING eligible e \
+                  WHERE j.id = e.id AND e.to_dead AND j.lease_token = e.token AND j.state = 3 \
+                 RETURNING j.*), \
+             dead AS (", insert_finished!("killed", "5", "$2", "NULL"), " RETURNING queue), \
+             notified AS ( \
+                 SELECT pg_notify('workbroker_jobs', queue) FROM (SELECT DISTINCT queue FROM requeued) q) \
+             SELECT (SELECT count(*) FROM requeued) AS requeued, \
+                    (SELECT count(*) FROM dead) AS dead, \
+                    (SELECT count(*) FROM notified) AS notified"
+        )
+    };
+}
+
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Inserts jobs (all or nothing), taking sequence numbers from each queue's
+    /// counter and creating unknown queues. A job whose queue and dedup key
+    /// match an unfinished job (or an earlier job of the same batch) is not
+    /// inserted: the existing job is returned with `deduplicated`.
+    pub async fn jobs_enqueue_many(&self, jobs: &[NewJobRecord]) -> Result<Vec<EnqueuedRecord>> {
+        // Duplicates inside the batch point at their first occurrence.
+        let mut first_with_key: HashMap<(&str, &str), usize> = HashMap::new();
+        let mut duplicate_of: Vec<Option<usize>> = Vec::with_capacity(jobs.len());
+        for (index, job) in jobs.iter().enumerate() {
+            let earlier = job.dedup_key.as_deref().and_then(|key| {
+                let slot = first_with_key.entry((job.queue.as_str(), key));
+                match slot {
+                    std::collections::hash_map::Entry::Occupied(entry) => Some(*entry.get()),
+                    std::collections::hash_map::Entry::Vacant(entry) => {
+                        entry.insert(index);
+                        None
+                    }
+                }
+            });
+            duplicate_of.push(earlier);
+        }
+        let mut per_queue: HashMap<&str, i64> = HashMap::new();
+        for (job, earlier) in jobs.iter().zip(&duplicate_of) {
+            if earlier.is_none() {
+                *per_queue.entry(job.queue.as_str()).or_default() += 1;
+            }
+        }
+        let mut queue_names: Vec<&str> = per_queue.keys().copied().collect();
+        queue_names.sort_unstable();
+        let queue_counts: Vec<i64> = queue_names.iter().map(|name| per_queue[name]).collect();
+
+        let mut transaction = self.pool.begin().await?;
+        // Locks each queue row (in name order, so concurrent batches cannot
+        // deadlock) until commit: sequences of a queue become visible in order.
+        let ranges: Vec<(String, i64)> = sqlx::query_as(
+            "INSERT INTO workbroker.queues AS q (name, last_sequence) \
+             SELECT name, count FROM unnest($1::text[], $2::bigint[]) AS i(name, count) ORDER BY name \
+             ON CONFLICT (name) DO UPDATE SET last_sequence = q.last_sequence + excluded.last_sequence \
+             RETURNING name, last_sequence",
+        )
+        .bind(&queue_names)
+        .bind(&queue_counts)
+        .fetch_all(&mut *transaction)
+        .await?;
+        let mut next_sequence: HashMap<String, i64> = ranges
+            .into_iter()
+            .map(|(name, last)| {
+                let count = per_queue.get(name.as_str()).copied().unwrap_or(0);
+                (name, last - count + 1)
+            })
+            .collect();
+
+        let mut results: Vec<Option<EnqueuedRecord>> = vec![None; jobs.len()];
+        let mut pending: Vec<(usize, i64)> = Vec::new();
+        for (index, (job, earlier)) in jobs.iter().zip(&duplicate_of).enumerate() {
+            if earlier.is_some() {
+                continue;
+            }
+            let Some(next) = next_sequence.get_mut(&job.queue) else {
+                return Err(Error::Conflict(format!(
+                    "queue {} vanished during enqueue",
+                    job.queue
+                )));
+            };
+            pending.push((index, *next));
+            *next += 1;
+        }
+
+        // A conflicting job can finish between our insert and our look-up; then
+        // the insert is simply tried again (bounded).
+        for _round in 0..5 {
+            if pending.is_empty() {
+                break;
+            }
+            let inserted = self.insert_jobs(&mut transaction, jobs, &pending).await?;
+            let mut conflicted: Vec<(usize, i64)> = Vec::new();
+            for (index, sequence) in pending.drain(..) {
+                match inserted.get(&(jobs[index].queue.clone(), sequence)) {
+                    Some(job_id) => {
+                        results[index] = Some(EnqueuedRecord {
+                            job_id: *job_id,
+                            sequence,
+                            deduplicated: false,
+                        })
+                    }
+                    None => conflicted.push((index, sequence)),
+                }
+            }
+            if conflicted.is_empty() {
+                break;
+            }
+            let queues: Vec<&str> = conflicted
+                .iter()
+                .map(|(index, _)| jobs[*index].queue.as_str())
+                .collect();
+            let keys: Vec<&str> = conflicted
+                .iter()
+                .map(|(index, _)| jobs[*index].dedup_key.as_deref().unwrap_or_default())
+                .collect();
+            let existing: Vec<(String, String, i64, i64)> = sqlx::query_as(
+                "SELECT j.queue, j.dedup_key, j.id, j.sequence FROM workbroker.jobs j \
+                 JOIN unnest($1::text[], $2::text[]) AS i(queue, dedup_key) \
+                   ON j.queue = i.queue AND j.dedup_key = i.dedup_key",
+            )
+            .bind(&queues)
+            .bind(&keys)
+            .fetch_all(&mut *transaction)
+            .await?;
+            let existing: HashMap<(String, String), (i64, i64)> = existing
+                .into_iter()
+                .map(|(queue, key, id, sequence)| ((queue, key), (id, sequence)))
+                .collect();
+            for (index, sequence) in conflicted {
+                let job = &jobs[index];
+                let key = (job.queue.clone(), job.dedup_key.clone().unwrap_or_default());
+                match existing.get(&key) {
+                    Some((job_id, existing_sequence)) => {
+                        results[index] = Some(EnqueuedRecord {
+                            job_id: *job_id,
+                            sequence: *existing_sequence,
+                            deduplicated: true,
+                        })
+                    }
+                    None => pending.push((index, sequence)),
+                }
+            }
+        }
+        if !pending.is_empty() {
+            return Err(Error::Conflict(
+                "dedup key kept changing hands during enqueue".to_owned(),
+            ));
+        }
+
+        sqlx::query("SELECT pg_notify('workbroker_jobs', name) FROM unnest($1::text[]) AS name")
+            .bind(&queue_names)
+            .execute(&mut *transaction)
+            .await?;
+        transaction.commit().await?;
+
+        let mut output = Vec::with_capacity(jobs.len());
+        for (index, earlier) in duplicate_of.iter().enumerate() {
+            let record = match earlier {
+                Some(first) => results[*first].map(|first| EnqueuedRecord {
+                    deduplicated: true,
+                    ..first
+                }),
+                None => results[index],
+            };
+            let Some(record) = record else {
+                return Err(Error::Conflict("enqueue lost track of a job".to_owned()));
+            };
+            output.push(record);
+        }
+        Ok(output)
+    }
+
+    /// Inserts the `pending` jobs (index into `jobs`, sequence), skipping dedup
+    /// conflicts. Returns the ids of inserted jobs by (queue, sequence).
+    async fn insert_jobs(
+        &self,
+        transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        jobs: &[NewJobRecord],
+        pending: &[(usize, i64)],
+    ) -> Result<HashMap<(String, i64), i64>> {
+        let count = pending.len();
+        let mut queues = Vec::with_capacity(count);
+        let mut kinds = Vec::with_capacity(count);
+        let mut sequences = Vec::with_capacity(count);
+        let mut priorities = Vec::with_capacity(count);
+        let mut run_at_micros: Vec<Option<i64>> = Vec::with_capacity(count);
+        let mut delay_micros: Vec<i64> = Vec::with_capacity(count);
+        let mut max_attempts: Vec<Option<i32>> = Vec::with_capacity(count);
+        let mut ordering_keys: Vec<Option<&str>> = Vec::with_capacity(count);
+        let mut dedup_keys: Vec<Option<&str>> = Vec::with_capacity(count);
+        let mut lease_micros: Vec<Option<i64>> = Vec::with_capacity(count);
+        let mut payloads: Vec<&[u8]> = Vec::with_capacity(count);
+        let mut attributes: Vec<&str> = Vec::with_capacity(count);
+        for (index, sequence) in pending {
+            let job = &jobs[*index];
+            queues.push(job.queue.as_str());
+            kinds.push(job.kind.as_str());
+            sequences.push(*sequence);
+            priorities.push(job.priority);
+            match job.run_at {
+                RunAt::Now => {
+                    run_at_micros.push(None);
+                    delay_micros.push(0);
+                }
+                RunAt::At { unix_micros } => {
+                    run_at_micros.push(Some(unix_micros));
+                    delay_micros.push(0);
+                }
+                RunAt::After(delay) => {
+                    run_at_micros.push(None);
+                    delay_micros.push(micros(delay));
+                }
+            }
+            max_attempts.push(job.max_attempts);
+            ordering_keys.push(job.ordering_key.as_deref());
+            dedup_keys.push(job.dedup_key.as_deref());
+            lease_micros.push(job.lease_duration.map(micros));
+            payloads.push(job.payload.as_slice());
+            attributes.push(job.attributes_json.as_str());
+        }
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "INSERT INTO workbroker.jobs AS j (id, queue, kind, state, priority, sequence, run_at, \
+                 max_attempts, ordering_key, dedup_key, shard, lease_duration, payload, attributes) \
+             SELECT i.id, i.queue, i.kind, 2, i.priority, i.sequence, \
+                    coalesce(timestamptz 'epoch' + i.run_at_us * interval '1 microsecond', \
+                             now() + i.delay_us * interval '1 microsecond'), \
+                    coalesce(i.max_attempts, q.max_attempts), i.ordering_key, i.dedup_key, \
+                    workbroker.shard_of(i.ordering_key, i.id, s.shard_count), \
+                    i.lease_us * interval '1 microsecond', i.payload, i.attributes::jsonb \
+               FROM (SELECT nextval('workbroker.job_ids') AS id, u.* \
+                       FROM unnest($1::text[], $2::text[], $3::bigint[], $4::integer[], $5::bigint[], \
+                                   $6::bigint[], $7::integer[], $8::text[], $9::text[], $10::bigint[], \
+                                   $11::bytea[], $12::text[]) \
+                            AS u(queue, kind, sequence, priority, run_at_us, delay_us, max_attempts, \
+                                 ordering_key, dedup_key, lease_us, payload, attributes)) AS i \
+               JOIN workbroker.queues q ON q.name = i.queue \
+               CROSS JOIN workbroker.settings s \
+             ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING \
+             RETURNING j.queue, j.sequence, j.id",
+        )
+        .bind(&queues)
+        .bind(&kinds)
+        .bind(&sequences)
+        .bind(&priorities)
+        .bind(&run_at_micros)
+        .bind(&delay_micros)
+        .bind(&max_attempts)
+        .bind(&ordering_keys)
+        .bind(&dedup_keys)
+        .bind(&lease_micros)
+        .bind(&payloads)
+        .bind(&attributes)
+        .fetch_all(&mut **transaction)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(queue, sequence, id)| ((queue, sequence), id))
+            .collect())
+    }
+
+    /// Leases up to `limit` available jobs of the given queues (and kinds),
+    /// highest priority first, then by run_at. A job with an ordering key is
+    /// eligible only when no earlier unfinished job of its queue has that key.
+    /// Paused queues are skipped. Each lease gets a fresh token.
+    pub async fn jobs_lease(&self, params: &LeaseParams<'_>) -> Result<Vec<JobRecord>> {
+        let rows = sqlx::query_as::<_, JobRecord>(concat!(
+            "WITH open_queues AS ( \
+                 SELECT name, lease_duration FROM workbroker.queues \
+                  WHERE name = ANY($1::text[]) AND NOT paused), \
+             picked AS ( \
+                 SELECT c.id, c.priority, c.run_at, q.lease_duration AS queue_lease_duration \
+                   FROM open_queues q \
+                   CROSS JOIN LATERAL ( \
+                       SELECT j.id, j.priority, j.run_at FROM workbroker.jobs j \
+                        WHERE j.queue = q.name AND j.state = 2 AND j.run_at <= now() \
+                          AND (cardinality($2::text[]) = 0 OR j.kind = ANY($2::text[])) \
+                          AND (j.ordering_key IS NULL OR NOT EXISTS ( \
+                                SELECT 1 FROM workbroker.jobs earlier \
+                                 WHERE earlier.queue = j.queue AND earlier.ordering_key = j.ordering_key \
+                                   AND earlier.sequence < j.sequence)) \
+                        ORDER BY j.priority DESC, j.run_at, j.id \
+                        LIMIT $3 \
+                        FOR UPDATE OF j SKIP LOCKED) c \
+                  ORDER BY c.priority DESC, c.run_at, c.id \
+                  LIMIT $3), \
+             leased AS ( \
+                 UPDATE workbroker.jobs j \
+                    SET state = 3, attempt = j.attempt + 1, lease_token = gen_random_uuid(), \
+                        lease_expires_at = now() + coalesce($4::bigint * interval '1 microsecond', \
+                                                             j.lease_duration, p.queue_lease_duration), \
+                        leased_by = $5, leased_at = now() \
+                   FROM picked p \
+                  WHERE j.id = p.id \
+                 RETURNING j.*) \
+             SELECT ", hot_job_fields!(), " FROM leased j ORDER BY j.priority DESC, j.run_at, j.id"
+        ))
+        .bind(params.queues)
+        .bind(params.kinds)
+        .bind(i64::from(params.limit))
+        .bind(params.lease_duration.map(micros))
+        .bind(params.worker_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Time until the next waiting job of these queues (and kinds) becomes
+    /// due, or `None` when nothing is scheduled.
+    pub async fn jobs_next_due(
+        &self,
+        queues: &[String],
+        kinds: &[String],
+    ) -> Result<Option<Duration>> {
+        let micros_until: Option<i64> = sqlx::query_scalar(
+            "SELECT (extract(epoch FROM min(j.run_at) - now()) * 1e6)::bigint \
+               FROM workbroker.jobs j \
+              WHERE j.queue = ANY($1::text[]) AND j.state = 2 AND j.run_at > now() \
+                AND (cardinality($2::text[]) = 0 OR j.kind = ANY($2::text[]))",
+        )
+        .bind(queues)
+        .bind(kinds)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(micros_until.map(|value| Duration::from_micros(u64::try_from(value).unwrap_or(0))))
+    }
+
+    /// Completes leased jobs. Each item succeeds only with the job's current
+    /// token while it is leased; repeating an ack that took effect answers Ok.
+    pub async fn jobs_ack_many(&self, items: &[AckItem]) -> Result<Vec<SettleOutcome>> {
+        let ids: Vec<i64> = items.iter().map(|item| item.job_id).collect();
+        let tokens: Vec<Uuid> = items.iter().map(|item| item.lease_token).collect();
+        let results: Vec<&[u8]> = items.iter().map(|item| item.result.as_slice()).collect();
+        let outcomes: Vec<i16> = sqlx::query_scalar(concat!(
+            "WITH input AS ( \
+                 SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::bytea[]) WITH ORDINALITY \
+                     AS i(id, token, result, position)), \
+             done AS ( \
+                 DELETE FROM workbroker.jobs j USING input i \
+                  WHERE j.id = i.id AND j.lease_token = i.token AND j.state = 3 \
+                 RETURNING j.*, i.result AS ack_result), \
+             moved AS (", insert_finished!("done", "4", "last_error", "nullif(ack_result, ''::bytea)"),
+            " RETURNING id, lease_token) \
+             SELECT CASE \
+                 WHEN EXISTS (SELECT 1 FROM moved m WHERE m.id = i.id AND m.lease_token = i.token) THEN 1 \
+                 WHEN EXISTS (SELECT 1 FROM workbroker.finished_jobs f \
+                               WHERE f.id = i.id AND f.state = 4 AND f.lease_token = i.token) THEN 1 \
+                 WHEN EXISTS (SELECT 1 FROM workbroker.jobs j WHERE j.id = i.id) \
+                   OR EXISTS (SELECT 1 FROM workbroker.finished_jobs f WHERE f.id = i.id) THEN 2 \
+                 ELSE 3 END::smallint \
+               FROM input i ORDER BY i.position"
+        ))
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&results)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(outcomes.into_iter().map(settle_outcome).collect())
+    }
+
+    /// Fails leased jobs: back to the queue after `retry_after` or the queue's
+    /// backoff, or DEAD when permanent or out of attempts. Fenced like acks.
+    pub async fn jobs_nack_many(&self, items: &[NackItem]) -> Result<Vec<NackResult>> {
+        let ids: Vec<i64> = items.iter().map(|item| item.job_id).collect();
+        let tokens: Vec<Uuid> = items.iter().map(|item| item.lease_token).collect();
+        let errors: Vec<&str> = items.iter().map(|item| item.error.as_str()).collect();
+        let retry_after: Vec<Option<i64>> = items
+            .iter()
+            .map(|item| item.retry_after.map(micros))
+            .collect();
+        let permanent: Vec<bool> = items.iter().map(|item| item.permanent).collect();
+        let rows: Vec<(i16, i16)> = sqlx::query_as(concat!(
+            "WITH input AS ( \
+                 SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::boolean[]) \
+                     WITH ORDINALITY AS i(id, token, error, retry_after_us, permanent, position)), \
+             target AS ( \
+                 SELECT DISTINCT ON (j.id) j.id, i.token, i.error, \
+                        (i.permanent OR j.attempt >= j.max_attempts) AS to_dead, \
+                        coalesce(i.retry_after_us, workbroker.backoff_micros(j.attempt, q.backoff_initial, \
+                                 q.backoff_max, q.backoff_multiplier, q.backoff_jitter)) AS delay_us \
+                   FROM input i \
+                   JOIN workbroker.jobs j ON j.id = i.id AND j.lease_token = i.token AND j.state = 3 \
+                   JOIN workbroker.queues q ON q.name = j.queue \
+                  ORDER BY j.id, i.position), \
+             retried AS ( \
+                 UPDATE workbroker.jobs j \
+                    SET state = 2, run_at = now() + t.delay_us * interval '1 microsecond', \
+                        lease_token = NULL, lease_expires_at = NULL, leased_by = NULL, leased_at = NULL, \
+                        last_error = t.error \
+                   FROM target t \
+                  WHERE j.id = t.id AND NOT t.to_dead AND j.lease_token = t.token AND j.state = 3 \
+                 RETURNING j.id, t.token, j.queue, t.delay_us > 0 AS scheduled), \
+             killed AS ( \
+                 DELETE FROM workbroker.jobs j USING target t \
+                  WHERE j.id = t.id AND t.to_dead AND j.lease_token = t.token AND j.state = 3 \
+                 RETURNING j.*, t.error AS nack_error), \
+             dead AS (", insert_finished!("killed", "5", "nack_error", "NULL"), " RETURNING id, lease_token), \
+             notified AS ( \
+                 SELECT pg_notify('workbroker_jobs', queue) FROM (SELECT DISTINCT queue FROM retried) r) \
+             SELECT CASE \
+                      WHEN r.id IS NOT NULL OR d.id IS NOT NULL THEN 1 \
+                      WHEN EXISTS (SELECT 1 FROM workbroker.jobs j WHERE j.id = i.id) \
+                        OR EXISTS (SELECT 1 FROM workbroker.finished_jobs f WHERE f.id = i.id) THEN 2 \
+                      ELSE 3 END::smallint AS outcome, \
+                    CASE WHEN r.id IS NOT NULL THEN (CASE WHEN r.scheduled THEN 1 ELSE 2 END) \
+                         WHEN d.id IS NOT NULL THEN 5 ELSE 0 END::smallint AS next_state \
+               FROM input i \
+               LEFT JOIN retried r ON r.id = i.id AND r.token = i.token \
+               LEFT JOIN dead d ON d.id = i.id AND d.lease_token = i.token \
+              WHERE (SELECT count(*) FROM notified) >= 0 \
+              ORDER BY i.position"
+        ))
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&errors)
+        .bind(&retry_after)
+        .bind(&permanent)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(outcome, next_state)| NackResult {
+                outcome: settle_outcome(outcome),
+                next_state: (next_state != 0).then_some(next_state),
+            })
+            .collect())
+    }
+
+    /// Moves lease expiries to now + `extend_by`, for current tokens of leased jobs.
+    pub async fn jobs_extend_many(&self, items: &[ExtendItem]) -> Result<Vec<ExtendResult>> {
+        let ids: Vec<i64> = items.iter().map(|item| item.job_id).collect();
+        let tokens: Vec<Uuid> = items.iter().map(|item| item.lease_token).collect();
+        let extend: Vec<i64> = items.iter().map(|item| micros(item.extend_by)).collect();
+        let rows: Vec<(i16, Option<DateTime<Utc>>)> = sqlx::query_as(
+            "WITH input AS ( \
+                 SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::bigint[]) WITH ORDINALITY \
+                     AS i(id, token, extend_us, position)), \
+             extended AS ( \
+                 UPDATE workbroker.jobs j \
+                    SET lease_expires_at = now() + i.extend_us * interval '1 microsecond' \
+                   FROM input i \
+                  WHERE j.id = i.id AND j.lease_token = i.token AND j.state = 3 \
+                 RETURNING j.id, j.lease_token, j.lease_expires_at) \
+             SELECT CASE \
+                      WHEN e.id IS NOT NULL THEN 1 \
+                      WHEN EXISTS (SELECT 1 FROM workbroker.jobs j WHERE j.id = i.id) \
+                        OR EXISTS (SELECT 1 FROM workbroker.finished_jobs f WHERE f.id = i.id) THEN 2 \
+                      ELSE 3 END::smallint, \
+                    e.lease_expires_at \
+               FROM input i \
+               LEFT JOIN LATERAL (SELECT * FROM extended e WHERE e.id = i.id AND e.lease_token = i.token LIMIT 1) e ON true \
+              ORDER BY i.position",
+        )
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&extend)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(outcome, lease_expires_at)| ExtendResult {
+                outcome: settle_outcome(outcome),
+                lease_expires_at,
+            })
+            .collect())
+    }
+
+    /// Hands leases back (their stream ended): each job returns to the queue
+    /// at once, or goes DEAD if that lease used its last attempt.
+    pub async fn jobs_release_many(
+        &self,
+        leases: &[HeldLease],
+        reason: &str,
+    ) -> Result<ReturnedLeases> {
+        if leases.is_empty() {
+            return Ok(ReturnedLeases::default());
+        }
+        let ids: Vec<i64> = leases.iter().map(|lease| lease.job_id).collect();
+        let tokens: Vec<Uuid> = leases.iter().map(|lease| lease.lease_token).collect();
+        let (requeued, dead, _notified): (i64, i64, i64) = sqlx::query_as(return_leases!(
+            "SELECT u.id, u.token FROM unnest($1::bigint[], $3::uuid[]) AS u(id, token)"
+        ))
+        .bind(&ids)
+        .bind(reason)
+        .bind(&tokens)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(ReturnedLeases {
+            requeued: as_count(requeued),
+            dead: as_count(dead),
+        })
+    }
+
+    /// Returns up to `limit` leases that expired (by the database clock).
+    /// Concurrent callers take disjoint rows (SKIP LOCKED) and every change
+    /// re-checks the token, so running this twice returns each job once.
+    pub async fn jobs_expire_leases(&self, limit: u32) -> Result<ReturnedLeases> {
+        let (requeued, dead, _notified): (i64, i64, i64) = sqlx::query_as(return_leases!(
+            "SELECT j.id, j.lease_token AS token FROM workbroker.jobs j \
+              WHERE j.state = 3 AND j.lease_expires_at < now() \
+              ORDER BY j.lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED"
+        ))
+        .bind(i64::from(limit))
+        .bind("lease expired")
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(ReturnedLeases {
+            requeued: as_count(requeued),
+            dead: as_count(dead),
+        })
+    }
+
+    /// Deletes up to `limit` COMPLETED and CANCELLED jobs older than their
+    /// queue's retention. DEAD jobs stay until redriven.
+    pub async fn jobs_prune_finished(&self, limit: u32) -> Result<u64> {
+        let deleted = sqlx::query(
+            "DELETE FROM workbroker.finished_jobs f WHERE f.id IN ( \
+                 SELECT f.id FROM workbroker.finished_jobs f \
+                   JOIN workbroker.queues q ON q.name = f.queue \
+                  WHERE f.state IN (4, 6) AND f.finished_at < now() - q.completed_retention \
+                  LIMIT $1 FOR UPDATE OF f SKIP LOCKED)",
+        )
+        .bind(i64::from(limit))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(deleted)
+    }
+
+    /// Reads one job wherever it lives.
+    pub async fn job_get(&self, job_id: i64) -> Result<Option<JobRecord>> {
+        let job = sqlx::query_as::<_, JobRecord>(concat!(
+            "SELECT ",
+            job_fields!(),
+            " FROM workbroker.all_jobs j WHERE j.id = $1"
+        ))
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(job)
+    }
+
+    /// Cancels a job that is not terminal. A leased job's token is returned so
+    /// the stream holding it can be told.
+    pub async fn job_cancel(&self, job_id: i64) -> Result<CancelResult> {
+        let cancelled = sqlx::query_as::<_, JobRecord>(concat!(
+            "WITH gone AS (DELETE FROM workbroker.jobs j WHERE j.id = $1 RETURNING j.*), \
+             moved AS (",
+            insert_finished!("gone", "6", "last_error", "NULL"),
+            " RETURNING *) \
+             SELECT ",
+            job_fields!(),
+            " FROM moved j"
+        ))
+        .bind(job_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(job) = cancelled {
+            let held_lease = job.lease_token;
+            return Ok(CancelResult::Cancelled { job, held_lease });
+        }
+        Ok(match self.job_get(job_id).await? {
+            Some(job) => CancelResult::AlreadyTerminal(job),
+            None => CancelResult::NotFound,
+        })
+    }
+
+    /// A page of a queue's jobs in sequence order.
+    pub async fn jobs_list(&self, params: &ListParams<'_>) -> Result<Vec<JobRecord>> {
+        let jobs = sqlx::query_as::<_, JobRecord>(concat!(
+            "SELECT ",
+            job_fields!(),
+            " FROM workbroker.all_jobs j \
+              WHERE j.queue = $1 AND j.sequence > $2 AND ($3::smallint IS NULL OR j.state = $3) \
+              ORDER BY j.sequence LIMIT $4"
+        ))
+        .bind(params.queue)
+        .bind(params.after_sequence)
+        .bind(params.state)
+        .bind(i64::from(params.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(jobs)
+    }
+
+    /// Moves DEAD jobs of a queue back to the queue, available now, with a new
+    /// sequence (so the completed watermark never goes backwards) and a fresh
+    /// attempt count. `job_ids` empty: every dead job (up to `limit`). A dead
+    /// job whose dedup key is now held by an unfinished job is left dead.
+    pub async fn jobs_redrive(
+        &self,
+        queue: &str,
+        job_ids: &[i64],
+        max_attempts: Option<i32>,
+        limit: u32,
+    ) -> Result<Vec<i64>> {
+        let ids: Vec<i64> = sqlx::query_scalar("WITH picked AS ( SELECT f.id, f.sequence FROM workbroker.finished_jobs f WHERE f.queue = $1 AND f.state = 5 AND (cardinality($2::bigint[]) = 0 OR f.id = ANY($2::bigint[])) AND (f.dedup_key IS NULL OR NOT EXISTS ( SELECT 1 FROM workbroker.jobs j WHERE j.queue = f.queue AND j.dedup_key = f.dedup_key)) ORDER BY f.sequence LIMIT $4 FOR UPDATE OF f SKIP LOCKED), counter AS ( UPDATE workbroker.queues q SET last_sequence = q.last_sequence + (SELECT count(*) FROM picked) WHERE q.name = $1 RETURNING q.last_sequence - (SELECT count(*) FROM picked) AS base), gone AS ( DELETE FROM workbroker.finished_jobs f USING picked p WHERE f.id = p.id RETURNING f.*), numbered AS (SELECT g.*, row_number() OVER (ORDER BY g.sequence) AS position FROM gone g), revived AS ( INSERT INTO workbroker.jobs (id, queue, kind, state, priority, sequence, run_at, created_at, attempt, max_attempts, ordering_key, dedup_key, shard, lease_duration, last_error, payload, attributes) SELECT n.id, n.queue, n.kind, 2, n.priority, c.base + n.position, now(), n.created_at, 0, coalesce($3::integer, n.max_attempts), n.ordering_key, n.dedup_key, n.shard, n.lease_duration, n.last_error, n.payload, n.attributes FROM numbered n CROSS JOIN counter c RETURNING id), notified AS (SELECT pg_notify('workbroker_jobs', $1) WHERE EXISTS (SELECT 1 FROM revived)) SELECT id FROM revived WHERE (SELECT count(*) FROM notified) >= 0 ORDER BY id")
+        .bind(queue)
+        .bind(job_ids)
+        .bind(max_attempts)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(ids)
+    }
+
+    /// Sends a notification (outside any transaction).
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+fn settle_outcome(code: i16) -> SettleOutcome {
+    match code {
+        1 => SettleOutcome::Ok,
+        2 => SettleOutcome::StaleLease,
+        _ => SettleOutcome::NotFound,
+    }
+}
+
+fn as_count(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+/// Microseconds as a `Duration`, clamping negatives to zero.
+pub(crate) fn duration_from_micros(value: i64) -> Duration {
+    Duration::from_micros(u64::try_from(value).unwrap_or(0))
+}

@@ -1,0 +1,287 @@
+//! The Postgres store: the only module that holds SQL.
+//!
+//! Methods are named noun-then-verb (`jobs_lease`, `queue_configure`) and take
+//! plain domain values. Every job state change is one conditional statement:
+//! a lease, ack, nack, extension or release only touches a row whose
+//! `lease_token` still equals the caller's, and expiry is judged by the
+//! database clock (`now()`), so any statement can run twice, late, or on two
+//! replicas at once without changing what it should not.
+//!
+//! Notifications: statements that make work available end with
+//! `pg_notify('workbroker_jobs', queue)` (delivered at commit, once per queue
+//! per statement); lease events another replica must hear about go to
+//! `workbroker_leases`.
+
+mod error;
+mod jobs;
+mod queues;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use uuid::Uuid;
+
+pub use error::{Error, Result};
+pub use queues::{QueueRecord, QueueSettingsPatch, QueueStatsRecord};
+
+/// Channel carrying the name of a queue that may have new or changed work.
+pub const JOBS_CHANNEL: &str = "workbroker_jobs";
+/// Channel carrying lease events (`cancel:<id>:<token>`, `settled:<id>:<token>,...`).
+pub const LEASES_CHANNEL: &str = "workbroker_leases";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Handle to the database: a connection pool plus the statements.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+/// How to reach the database.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// A `postgres://` URL.
+    pub database_url: String,
+    /// Most connections the pool opens.
+    pub max_connections: u32,
+    /// How long a caller waits for a free connection before `Unavailable`.
+    pub acquire_timeout: Duration,
+}
+
+impl Store {
+    /// Opens a pool. Connections are made lazily, so a database that is down
+    /// at start only makes calls fail with `Unavailable` until it is back.
+    pub fn connect_lazy(config: &StoreConfig) -> Result<Self> {
+        let options: PgConnectOptions = config.database_url.parse().map_err(Error::from)?;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(config.acquire_timeout)
+            .connect_lazy_with(options.application_name("workbroker"));
+        Ok(Self { pool })
+    }
+
+    /// Wraps an existing pool (tests).
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool, for LISTEN connections and health checks.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the embedded migrations that have not run yet.
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// True when the database answers and every embedded migration is applied.
+    pub async fn migrations_current(&self) -> Result<bool> {
+        let applied: Vec<i64> = sqlx::query_scalar(
+            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(MIGRATOR
+            .iter()
+            .filter(|migration| !migration.migration_type.is_down_migration())
+            .all(|migration| applied.contains(&migration.version)))
+    }
+
+    /// Runs `SELECT 1`.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// The number of shards jobs are spread over.
+    pub async fn settings_shard_count(&self) -> Result<u32> {
+        let count: i32 = sqlx::query_scalar("SELECT shard_count FROM workbroker.settings")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u32::try_from(count).unwrap_or(1))
+    }
+}
+
+/// When a new job may first run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunAt {
+    /// Right away.
+    Now,
+    /// At this instant (microseconds since the Unix epoch).
+    At { unix_micros: i64 },
+    /// After this delay from enqueue (database clock).
+    After(Duration),
+}
+
+/// A validated job to insert.
+#[derive(Clone, Debug)]
+pub struct NewJobRecord {
+    pub queue: String,
+    pub kind: String,
+    pub payload: Vec<u8>,
+    /// The attributes as a JSON object.
+    pub attributes_json: String,
+    pub priority: i32,
+    pub run_at: RunAt,
+    /// `None`: the queue's default.
+    pub max_attempts: Option<i32>,
+    pub ordering_key: Option<String>,
+    pub dedup_key: Option<String>,
+    /// `None`: the queue's default.
+    pub lease_duration: Option<Duration>,
+}
+
+/// What an enqueue produced for one job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnqueuedRecord {
+    pub job_id: i64,
+    pub sequence: i64,
+    pub deduplicated: bool,
+}
+
+/// A job as read from the database, with its public state.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct JobRecord {
+    pub id: i64,
+    pub queue: String,
+    pub kind: String,
+    /// Public JobState number (1 scheduled .. 6 cancelled).
+    pub state: i16,
+    pub priority: i32,
+    pub sequence: i64,
+    pub run_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub ordering_key: Option<String>,
+    pub dedup_key: Option<String>,
+    pub lease_token: Option<Uuid>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub leased_by: Option<String>,
+    pub last_error: Option<String>,
+    pub payload: Vec<u8>,
+    pub attributes: serde_json::Value,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub result: Option<Vec<u8>>,
+}
+
+/// Public job states as stored numbers (equal to the proto enum).
+pub mod state {
+    pub const SCHEDULED: i16 = 1;
+    pub const AVAILABLE: i16 = 2;
+    pub const LEASED: i16 = 3;
+    pub const COMPLETED: i16 = 4;
+    pub const DEAD: i16 = 5;
+    pub const CANCELLED: i16 = 6;
+
+    /// True for COMPLETED, DEAD and CANCELLED.
+    pub fn is_terminal(state: i16) -> bool {
+        matches!(state, COMPLETED | DEAD | CANCELLED)
+    }
+}
+
+/// What to lease, for whom.
+#[derive(Clone, Debug)]
+pub struct LeaseParams<'a> {
+    pub queues: &'a [String],
+    /// Empty: every kind.
+    pub kinds: &'a [String],
+    pub limit: u32,
+    /// `None`: the job's own lease duration, else its queue's.
+    pub lease_duration: Option<Duration>,
+    pub worker_id: &'a str,
+}
+
+/// The per-item result of a fenced settle statement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SettleOutcome {
+    Ok,
+    StaleLease,
+    NotFound,
+}
+
+/// One ack of a batch.
+#[derive(Clone, Debug)]
+pub struct AckItem {
+    pub job_id: i64,
+    pub lease_token: Uuid,
+    pub result: Vec<u8>,
+}
+
+/// One nack of a batch.
+#[derive(Clone, Debug)]
+pub struct NackItem {
+    pub job_id: i64,
+    pub lease_token: Uuid,
+    pub error: String,
+    /// `None`: the queue's backoff.
+    pub retry_after: Option<Duration>,
+    pub permanent: bool,
+}
+
+/// What a nack did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NackResult {
+    pub outcome: SettleOutcome,
+    /// Public state after the nack when `outcome` is Ok.
+    pub next_state: Option<i16>,
+}
+
+/// One lease extension of a batch.
+#[derive(Clone, Debug)]
+pub struct ExtendItem {
+    pub job_id: i64,
+    pub lease_token: Uuid,
+    pub extend_by: Duration,
+}
+
+/// What an extension did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExtendResult {
+    pub outcome: SettleOutcome,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+}
+
+/// A lease to hand back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldLease {
+    pub job_id: i64,
+    pub lease_token: Uuid,
+}
+
+/// What returning leases did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReturnedLeases {
+    /// Jobs back in the queue.
+    pub requeued: u64,
+    /// Jobs that had used up their attempts and went DEAD.
+    pub dead: u64,
+}
+
+/// What a cancel did.
+#[derive(Clone, Debug)]
+pub enum CancelResult {
+    /// The job is now CANCELLED; `held_lease` is the lease it was under, if any.
+    Cancelled {
+        job: JobRecord,
+        held_lease: Option<Uuid>,
+    },
+    /// The job had already reached a terminal state.
+    AlreadyTerminal(JobRecord),
+    NotFound,
+}
+
+/// Filter and cursor of a job listing.
+#[derive(Clone, Debug)]
+pub struct ListParams<'a> {
+    pub queue: &'a str,
+    /// Public state number, or `None` for every state.
+    pub state: Option<i16>,
+    /// Only jobs with a larger sequence.
+    pub after_sequence: i64,
+    pub limit: u32,
+}

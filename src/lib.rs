@@ -1,0 +1,16 @@
+//! Wire API of workbroker: the generated code of the `workbroker.v1` protobuf
+//! package (messages, `Broker` and `Admin` clients and servers) plus a few
+//! hand-written helpers shared by the server and the SDK.
+
+pub mod v1 {
+    //! `workbroker.v1`: see `proto/workbroker/v1/*.proto` for the documented contract.
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("workbroker.v1");
+
+    /// Encoded file descriptor set of every workbroker proto, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("workbroker_descriptor");
+}
+
+pub mod names;
+pub mod time;
