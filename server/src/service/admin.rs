@@ -148,9 +148,11 @@ impl Admin for AdminService {
             0 => DEFAULT_PAGE_SIZE,
             size @ 1..=MAX_PAGE_SIZE => size,
             _ => {
-                return Err(
-                    Error::invalid("page_size", format!("must be at most {MAX_PAGE_SIZE}")).into(),
-                );
+                return Err(Error::invalid(
+                    "page_size",
+                    format!("must be at most {MAX_PAGE_SIZE}"),
+                )
+                .into());
             }
         };
         let after_sequence = page_token(&request.page_token)?;

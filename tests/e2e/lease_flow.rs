@@ -1,0 +1,363 @@
+//! Enqueue, push delivery, windows and credits, fencing, release on stream end.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use workbroker_api::v1;
+use workbroker_tests::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn a_job_goes_from_enqueue_to_completed_with_its_result() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let mut job = new_job("emails", "send");
+    job.payload = b"hello".to_vec();
+    job.attributes.insert(
+        "traceparent".into(),
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+    );
+    let ids = enqueue(&mut client, vec![job]).await?;
+    assert_eq!(
+        state_of(&mut client, &ids[0]).await?,
+        v1::JobState::Available
+    );
+
+    let mut worker = Worker::on(&mut client, &["emails"], 1).await?;
+    let leased = worker.take_jobs(1, WAIT).await?;
+    let job = leased[0].job.clone().expect("job");
+    assert_eq!(job.job_id, ids[0]);
+    assert_eq!(job.payload, b"hello");
+    assert_eq!(job.state, v1::JobState::Leased as i32);
+    assert_eq!(leased[0].attempt, 1);
+    assert_eq!(job.sequence, 1);
+    assert!(job.attributes.contains_key("traceparent"));
+    assert!(!leased[0].lease_token.is_empty());
+
+    let mut ack = ack_of(&leased[0]);
+    ack.result = b"done".to_vec();
+    let outcomes = ack_all(&mut client, vec![ack.clone(), ack]).await?;
+    assert_eq!(outcomes[0].outcome, v1::Outcome::Ok as i32);
+    assert_eq!(
+        outcomes[1].outcome,
+        v1::Outcome::Ok as i32,
+        "acking twice with the same token is OK"
+    );
+
+    let stored = client
+        .get_job(v1::GetJobRequest {
+            job_id: ids[0].clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(stored.state, v1::JobState::Completed as i32);
+    assert_eq!(stored.result, b"done");
+    assert!(stored.finished_at.is_some());
+    broker.finish().await
+}
+
+#[tokio::test]
+async fn a_waiting_worker_gets_a_new_job_pushed_without_polling() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let mut worker = Worker::on(&mut client, &["push"], 4).await?;
+    worker.expect_quiet(Duration::from_millis(200)).await?;
+    enqueue(&mut client, vec![new_job("push", "k")]).await?;
+    // The idle re-check runs every 5 s; arriving well before it proves the
+    // notification path delivered the job.
+    let started = tokio::time::Instant::now();
+    worker.take_jobs(1, Duration::from_secs(3)).await?;
+    assert!(started.elapsed() < Duration::from_secs(3));
+    broker.finish().await
+}
+
+#[tokio::test]
+async fn a_job_enqueued_on_another_replica_reaches_the_waiting_worker() -> Result<()> {
+    let first = TestBroker::start().await?;
+    let second = first.start_replica().await?;
+    let mut on_first = first.broker().await;
+    let mut on_second = second.broker().await;
+    let mut worker = Worker::on(&mut on_first, &["cross"], 1).await?;
+    worker.expect_quiet(Duration::from_millis(100)).await?;
+    enqueue(&mut on_second, vec![new_job("cross", "k")]).await?;
+    worker.take_jobs(1, Duration::from_secs(3)).await?;
+    second.finish_keep_database().await?;
+    first.finish().await
+}
+
+#[tokio::test]
+async fn the_window_is_max_in_flight_plus_credits_and_acks_free_slots() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    enqueue(
+        &mut client,
+        (0..8).map(|_| new_job("window", "k")).collect(),
+    )
+    .await?;
+    let mut worker = Worker::on(&mut client, &["window"], 2).await?;
+    let first = worker.take_jobs(2, WAIT).await?;
+    worker.expect_quiet(Duration::from_millis(300)).await?;
+
+    // An ack frees exactly one slot.
+    ack_all(&mut client, vec![ack_of(&first[0])]).await?;
+    let third = worker.take_jobs(1, WAIT).await?;
+    worker.expect_quiet(Duration::from_millis(300)).await?;
+
+    // A nack frees one too.
+    nack_all(&mut client, vec![nack_of(&first[1], "boom")]).await?;
+    let fourth = worker.take_jobs(1, WAIT).await?;
+    worker.expect_quiet(Duration::from_millis(300)).await?;
+
+    // Credits widen the window.
+    worker.credit(3)?;
+    let more = worker.take_jobs(3, WAIT).await?;
+    worker.expect_quiet(Duration::from_millis(300)).await?;
+    let held = 2 + more.len();
+    assert_eq!(held, 5);
+    drop((third, fourth));
+    broker.finish().await
+}
+
+#[tokio::test]
+async fn only_the_current_token_can_settle_a_job() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let ids = enqueue(&mut client, vec![new_job("fence", "k")]).await?;
+    let mut worker = Worker::open(
+        &mut client,
+        v1::OpenLease {
+            worker_id: "slow".into(),
+            queues: vec!["fence".into()],
+            max_in_flight: 1,
+            lease_duration: Some(seconds(1.0)),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let stale = worker.take_jobs(1, WAIT).await?.remove(0);
+    // The lease expires and the reaper puts the job back; it is leased again
+    // (to the same stream, whose slot is still taken, so use a second one).
+    let mut second = Worker::on(&mut client, &["fence"], 1).await?;
+    let current = second.take_jobs(1, WAIT).await?.remove(0);
+    assert_eq!(id_of(&current), ids[0]);
+    assert_ne!(current.lease_token, stale.lease_token);
+    assert_eq!(current.attempt, 2);
+
+    let extend = client
+        .extend_lease(v1::ExtendLeaseRequest {
+            leases: vec![
+                v1::LeaseExtension {
+                    job_id: ids[0].clone(),
+                    lease_token: stale.lease_token.clone(),
+                    extend_by: Some(seconds(30.0)),
+                },
+                v1::LeaseExtension {
+                    job_id: ids[0].clone(),
+                    lease_token: current.lease_token.clone(),
+                    extend_by: Some(seconds(30.0)),
+                },
+            ],
+        })
+        .await?
+        .into_inner();
+    assert_eq!(extend.leases[0].outcome, v1::Outcome::StaleLease as i32);
+    assert_eq!(extend.leases[1].outcome, v1::Outcome::Ok as i32);
+    assert!(extend.leases[1].lease_expires_at.is_some());
+
+    let nacks = nack_all(&mut client, vec![nack_of(&stale, "late")]).await?;
+    assert_eq!(nacks[0].outcome, v1::Outcome::StaleLease as i32);
+    let acks = ack_all(
+        &mut client,
+        vec![ack_of(&stale), ack_of(&current), ack_of(&stale)],
+    )
+    .await?;
+    assert_eq!(acks[0].outcome, v1::Outcome::StaleLease as i32);
+    assert_eq!(acks[1].outcome, v1::Outcome::Ok as i32);
+    assert_eq!(acks[2].outcome, v1::Outcome::StaleLease as i32);
+    assert_eq!(
+        state_of(&mut client, &ids[0]).await?,
+        v1::JobState::Completed
+    );
+
+    let unknown = ack_all(
+        &mut client,
+        vec![v1::AckRequest {
+            job_id: "999999".into(),
+            lease_token: current.lease_token.clone(),
+            result: vec![],
+        }],
+    )
+    .await?;
+    assert_eq!(unknown[0].outcome, v1::Outcome::NotFound as i32);
+    broker.finish().await
+}
+
+#[tokio::test]
+async fn leases_of_a_stream_that_ends_go_back_at_once() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let ids = enqueue(
+        &mut client,
+        vec![new_job("release", "k"), new_job("release", "k")],
+    )
+    .await?;
+    let mut worker = Worker::on(&mut client, &["release"], 2).await?;
+    let held = worker.take_jobs(2, WAIT).await?;
+    worker.close();
+    for id in &ids {
+        // Within a second, not at lease expiry (30 s by default).
+        wait_for_state(
+            &mut client,
+            id,
+            v1::JobState::Available,
+            Duration::from_secs(1),
+        )
+        .await?;
+    }
+    let late = ack_all(&mut client, held.iter().map(ack_of).collect()).await?;
+    assert!(
+        late.iter()
+            .all(|ack| ack.outcome == v1::Outcome::StaleLease as i32)
+    );
+    let job = client
+        .get_job(v1::GetJobRequest {
+            job_id: ids[0].clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(job.attempt, 1);
+    assert!(
+        job.last_error.contains("stream closed"),
+        "last_error: {}",
+        job.last_error
+    );
+    broker.finish().await
+}
+
+#[tokio::test]
+async fn higher_priority_jobs_are_leased_first() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let mut low = new_job("prio", "k");
+    low.priority = -5;
+    let mut high = new_job("prio", "k");
+    high.priority = 10;
+    let ids = enqueue(&mut client, vec![low, new_job("prio", "k"), high]).await?;
+    let mut worker = Worker::on(&mut client, &["prio"], 1).await?;
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        let job = worker.take_jobs(1, WAIT).await?.remove(0);
+        order.push(id_of(&job));
+        ack_all(&mut client, vec![ack_of(&job)]).await?;
+    }
+    assert_eq!(order, vec![ids[2].clone(), ids[1].clone(), ids[0].clone()]);
+    broker.finish().await
+}
+
+#[tokio::test]
+async fn delayed_jobs_wait_for_their_time_then_arrive_promptly() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let mut delayed = new_job("later", "k");
+    delayed.delay = Some(seconds(0.8));
+    let ids = enqueue(&mut client, vec![delayed]).await?;
+    assert_eq!(
+        state_of(&mut client, &ids[0]).await?,
+        v1::JobState::Scheduled
+    );
+    let mut worker = Worker::on(&mut client, &["later"], 1).await?;
+    worker.expect_quiet(Duration::from_millis(500)).await?;
+    worker.take_jobs(1, Duration::from_secs(2)).await?;
+    broker.finish().await
+}
+
+#[tokio::test]
+async fn dedup_keys_return_the_unfinished_job() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let mut job = new_job("dedup", "k");
+    job.dedup_key = "blob:sha256:abc".into();
+    let first = client
+        .enqueue(v1::EnqueueRequest {
+            jobs: vec![job.clone(), job.clone()],
+        })
+        .await?
+        .into_inner();
+    assert!(!first.jobs[0].deduplicated);
+    assert!(first.jobs[1].deduplicated, "a duplicate inside one request");
+    assert_eq!(first.jobs[0].job_id, first.jobs[1].job_id);
+    let again = client
+        .enqueue(v1::EnqueueRequest {
+            jobs: vec![job.clone()],
+        })
+        .await?
+        .into_inner();
+    assert!(again.jobs[0].deduplicated);
+    assert_eq!(again.jobs[0].job_id, first.jobs[0].job_id);
+
+    let mut worker = Worker::on(&mut client, &["dedup"], 1).await?;
+    let leased = worker.take_jobs(1, WAIT).await?;
+    ack_all(&mut client, vec![ack_of(&leased[0])]).await?;
+    let after = client
+        .enqueue(v1::EnqueueRequest { jobs: vec![job] })
+        .await?
+        .into_inner();
+    assert!(
+        !after.jobs[0].deduplicated,
+        "a finished job no longer holds its key"
+    );
+    assert_ne!(after.jobs[0].job_id, first.jobs[0].job_id);
+    broker.finish().await
+}
+
+#[tokio::test]
+async fn a_paused_queue_keeps_its_jobs_until_resumed() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let mut admin = broker.admin().await;
+    let info = admin
+        .pause_queue(v1::PauseQueueRequest {
+            queue: "paused".into(),
+        })
+        .await?
+        .into_inner();
+    assert!(info.paused);
+    enqueue(&mut client, vec![new_job("paused", "k")]).await?;
+    let mut worker = Worker::on(&mut client, &["paused"], 1).await?;
+    worker.expect_quiet(Duration::from_millis(400)).await?;
+    assert!(stats_of(&mut admin, "paused").await?.paused);
+    admin
+        .resume_queue(v1::ResumeQueueRequest {
+            queue: "paused".into(),
+        })
+        .await?;
+    worker.take_jobs(1, Duration::from_secs(3)).await?;
+    broker.finish().await
+}
+
+#[tokio::test]
+async fn kinds_filter_what_a_stream_receives() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let ids = enqueue(
+        &mut client,
+        vec![new_job("mixed", "diff"), new_job("mixed", "sync")],
+    )
+    .await?;
+    let mut worker = Worker::open(
+        &mut client,
+        v1::OpenLease {
+            worker_id: "w".into(),
+            queues: vec!["mixed".into()],
+            kinds: vec!["sync".into()],
+            max_in_flight: 5,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let jobs = worker.take_jobs(1, WAIT).await?;
+    assert_eq!(id_of(&jobs[0]), ids[1]);
+    worker.expect_quiet(Duration::from_millis(300)).await?;
+    broker.finish().await
+}

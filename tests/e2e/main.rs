@@ -1,0 +1,10 @@
+//! End-to-end tests: the real broker on 127.0.0.1:0, its own PostgreSQL
+//! database per test, driven over gRPC.
+
+mod bad_input;
+mod cancel_and_watch;
+mod lease_flow;
+mod ordering;
+mod reaper;
+mod retries;
+mod watermark;
