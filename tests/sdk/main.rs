@@ -1,0 +1,1 @@
+//! End-to-end tests of the worker SDK and its diff, sync and index handlers against a real broker.
