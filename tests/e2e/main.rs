@@ -7,4 +7,5 @@ mod lease_flow;
 mod ordering;
 mod reaper;
 mod retries;
+mod sql_enqueue;
 mod watermark;
