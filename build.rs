@@ -8,6 +8,9 @@ const PROTO_FILES: &[&str] = &[
     "proto/workbroker/v1/job.proto",
     "proto/workbroker/v1/broker.proto",
     "proto/workbroker/v1/admin.proto",
+    "proto/workbroker/jobs/v1/diff.proto",
+    "proto/workbroker/jobs/v1/sync.proto",
+    "proto/workbroker/jobs/v1/index.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

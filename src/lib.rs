@@ -12,5 +12,15 @@ pub mod v1 {
         tonic::include_file_descriptor_set!("workbroker_descriptor");
 }
 
+pub mod jobs {
+    //! Typed payloads of the job kinds the worker SDK ships handlers for
+    //! (`diff`, `sync`, `index`).
+    pub mod v1 {
+        //! `workbroker.jobs.v1`: see `proto/workbroker/jobs/v1/*.proto`.
+        #![allow(clippy::all, clippy::pedantic, missing_docs)]
+        tonic::include_proto!("workbroker.jobs.v1");
+    }
+}
+
 pub mod names;
 pub mod time;

@@ -1,0 +1,511 @@
+//! The jobs one endpoint holds, and the slot accounting against the
+//! broker's lease windows.
+//!
+//! # Windows, generations and credits
+//!
+//! Every Lease stream this endpoint opens gets a generation number and is
+//! opened with `max_in_flight` = the slots free at that moment
+//! (`capacity - outstanding`). A held job is *outstanding* (counts against
+//! a broker window) from the moment it is leased until its handler finished
+//! and its ack or nack was queued, or a cancel notice arrived.
+//!
+//! - A job of the current stream stops being outstanding when its settle is
+//!   queued; the broker frees its slot in that stream when the ack or nack
+//!   lands, so nothing else is needed.
+//! - A job leased by an earlier stream (held across a reconnection: the
+//!   broker crashed, its lease is still valid) was not part of the current
+//!   stream's window. When it stops being outstanding, the runtime sends the
+//!   current stream a `Credit { count: 1 }`, widening its window by the slot
+//!   that just freed.
+//!
+//! So the jobs held at once never exceed the endpoint's capacity, and a
+//! reconnection never hands a held job to this worker twice: jobs whose
+//! lease survived are finished and acked under their original token.
+//!
+//! # Phases of a held job
+//!
+//! `Waiting` (leased, not started: waiting for a run permit, or arrived while
+//! draining) → `Running` → `Settling` (ack or nack queued) → removed when the
+//! broker answered it. Leases are extended in all three phases, so a job
+//! whose ack cannot land yet (broker down) keeps its lease.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore, mpsc};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use tonic::transport::Channel;
+use workbroker_api::v1;
+use workbroker_api::v1::broker_client::BrokerClient;
+
+use super::WorkerConfig;
+use super::context::{CancelReason, Cancellation, JobContext};
+use super::handler::DynHandler;
+use super::metrics::{Counters, WorkerMetrics};
+use super::settle::SettleItem;
+
+/// Where a held job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Waiting,
+    Running,
+    Settling,
+}
+
+#[derive(Debug)]
+pub(crate) struct HeldJob {
+    pub(crate) job_id: String,
+    generation: u64,
+    counted: bool,
+    pub(crate) phase: Phase,
+    pub(crate) cancellation: Cancellation,
+    cancelled_by_notice: bool,
+    lost: bool,
+    /// Local (monotonic) time by which the lease must be extended.
+    deadline: Instant,
+    extending: bool,
+    abort: Option<AbortHandle>,
+}
+
+#[derive(Debug)]
+struct OpenStream {
+    generation: u64,
+    requests: mpsc::UnboundedSender<v1::LeaseRequest>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Held jobs by lease token.
+    jobs: HashMap<String, HeldJob>,
+    stream: Option<OpenStream>,
+    next_generation: u64,
+    acks: Option<mpsc::UnboundedSender<SettleItem<v1::AckRequest>>>,
+    nacks: Option<mpsc::UnboundedSender<SettleItem<v1::NackRequest>>>,
+}
+
+/// How a finished job is settled.
+#[derive(Debug)]
+pub(crate) enum Settle {
+    Ack(Vec<u8>),
+    Nack { error: String, retry_after: Option<Duration>, permanent: bool },
+}
+
+/// A lease due for extension.
+#[derive(Debug)]
+pub(crate) struct DueLease {
+    pub(crate) job_id: String,
+    pub(crate) lease_token: String,
+}
+
+/// What [`EndpointState::new`] is made of.
+pub(crate) struct EndpointParts {
+    pub(crate) index: usize,
+    pub(crate) capacity: u32,
+    pub(crate) config: Arc<WorkerConfig>,
+    pub(crate) handlers: Arc<HashMap<String, Arc<dyn DynHandler>>>,
+    pub(crate) channel: Channel,
+    pub(crate) metrics: WorkerMetrics,
+    pub(crate) job_tasks: TaskTracker,
+    pub(crate) acks: mpsc::UnboundedSender<SettleItem<v1::AckRequest>>,
+    pub(crate) nacks: mpsc::UnboundedSender<SettleItem<v1::NackRequest>>,
+}
+
+/// Everything one endpoint's loops and job tasks share.
+pub(crate) struct EndpointState {
+    pub(crate) index: usize,
+    pub(crate) capacity: u32,
+    pub(crate) config: Arc<WorkerConfig>,
+    pub(crate) handlers: Arc<HashMap<String, Arc<dyn DynHandler>>>,
+    pub(crate) channel: Channel,
+    pub(crate) metrics: WorkerMetrics,
+    /// Running handlers never exceed `capacity`.
+    permits: Arc<Semaphore>,
+    draining: AtomicBool,
+    /// Signalled whenever a held job changes phase or goes away.
+    pub(crate) changed: Notify,
+    /// Asks the extender to look at once (after a lease stream ended).
+    pub(crate) extend_now: Notify,
+    pub(crate) job_tasks: TaskTracker,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for EndpointState {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("EndpointState")
+            .field("index", &self.index)
+            .field("capacity", &self.capacity)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EndpointState {
+    pub(crate) fn new(parts: EndpointParts) -> Self {
+        let EndpointParts { index, capacity, config, handlers, channel, metrics, job_tasks, acks, nacks } = parts;
+        Self {
+            index,
+            capacity,
+            config,
+            handlers,
+            channel,
+            metrics,
+            permits: Arc::new(Semaphore::new(capacity as usize)),
+            draining: AtomicBool::new(false),
+            changed: Notify::new(),
+            extend_now: Notify::new(),
+            job_tasks,
+            inner: Mutex::new(Inner { acks: Some(acks), nacks: Some(nacks), ..Inner::default() }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock would be a bug in this module; the
+        // data stays consistent enough to keep settling, so recover it.
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn counters(&self) -> &Counters {
+        &self.metrics.counters
+    }
+
+    pub(crate) fn broker(&self) -> BrokerClient<Channel> {
+        BrokerClient::new(self.channel.clone())
+            .max_decoding_message_size(self.config.max_message_bytes)
+            .max_encoding_message_size(self.config.max_message_bytes)
+    }
+
+    pub(crate) fn permits_clone(&self) -> Arc<tokio::sync::Semaphore> {
+        self.permits.clone()
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    fn outstanding(inner: &Inner) -> u32 {
+        let count = inner.jobs.values().filter(|job| job.counted).count();
+        u32::try_from(count).unwrap_or(u32::MAX)
+    }
+
+    /// Slots free for a new Lease stream.
+    pub(crate) fn free_slots(&self) -> u32 {
+        self.capacity.saturating_sub(Self::outstanding(&self.lock()))
+    }
+
+    /// Held jobs in each phase: (waiting, running, settling).
+    pub(crate) fn phase_counts(&self) -> (usize, usize, usize) {
+        let inner = self.lock();
+        let mut counts = (0, 0, 0);
+        for job in inner.jobs.values() {
+            match job.phase {
+                Phase::Waiting => counts.0 += 1,
+                Phase::Running => counts.1 += 1,
+                Phase::Settling => counts.2 += 1,
+            }
+        }
+        counts
+    }
+
+    /// Registers a new Lease stream; returns its generation and window.
+    pub(crate) fn begin_stream(&self, requests: mpsc::UnboundedSender<v1::LeaseRequest>) -> (u64, u32) {
+        let mut inner = self.lock();
+        inner.next_generation += 1;
+        let generation = inner.next_generation;
+        let free = self.capacity.saturating_sub(Self::outstanding(&inner));
+        inner.stream = Some(OpenStream { generation, requests });
+        (generation, free)
+    }
+
+    /// The stream of `generation` ended.
+    pub(crate) fn end_stream(&self, generation: u64) {
+        let mut inner = self.lock();
+        if inner.stream.as_ref().is_some_and(|stream| stream.generation == generation) {
+            inner.stream = None;
+        }
+    }
+
+    /// Stops counting a job against the windows, crediting the current
+    /// stream when the job belonged to an earlier one.
+    fn uncount(inner: &mut Inner, lease_token: &str, credit: bool) {
+        let Some(job) = inner.jobs.get_mut(lease_token) else {
+            return;
+        };
+        if !job.counted {
+            return;
+        }
+        job.counted = false;
+        let generation = job.generation;
+        if credit
+            && let Some(stream) = &inner.stream
+            && stream.generation != generation
+        {
+            let _ = stream
+                .requests
+                .send(v1::LeaseRequest { request: Some(v1::lease_request::Request::Credit(v1::Credit { count: 1 })) });
+        }
+    }
+
+    /// A job arrived on the stream of `generation`.
+    pub(crate) fn on_leased(self: &Arc<Self>, leased: v1::LeasedJob, generation: u64) {
+        Counters::add(&self.counters().leased);
+        let Some(job) = leased.job else {
+            tracing::warn!("leased job without a job body; ignored");
+            return;
+        };
+        let attempt = if leased.attempt > 0 { leased.attempt } else { job.attempt };
+        let context = JobContext::new(job, leased.lease_token, attempt);
+        let held = HeldJob {
+            job_id: context.job.job_id.clone(),
+            generation,
+            counted: true,
+            phase: Phase::Waiting,
+            cancellation: context.cancellation.clone(),
+            cancelled_by_notice: false,
+            lost: false,
+            deadline: Instant::now() + self.config.lease_duration,
+            extending: false,
+            abort: None,
+        };
+        let draining = {
+            let mut inner = self.lock();
+            inner.jobs.insert(context.lease_token.clone(), held);
+            self.is_draining()
+        };
+        if draining {
+            // Held unstarted; handed back when the drain ends.
+            tracing::debug!(job_id = context.id(), "job arrived while draining; not started");
+            return;
+        }
+        let handler = self.handlers.get(context.kind()).cloned();
+        let state = self.clone();
+        self.job_tasks.spawn(super::run::run_job(state, context, handler));
+    }
+
+    /// A cancel notice arrived: the broker freed the slot already.
+    pub(crate) fn on_cancel_notice(&self, notice: &v1::CancelNotice) {
+        let mut inner = self.lock();
+        let Some(job) = inner.jobs.get_mut(&notice.lease_token) else {
+            tracing::debug!(job_id = %notice.job_id, "cancel notice for a job no longer held");
+            return;
+        };
+        tracing::info!(job_id = %notice.job_id, "job cancelled; stopping its handler");
+        Counters::add(&self.counters().cancelled);
+        job.cancelled_by_notice = true;
+        job.counted = false;
+        job.cancellation.cancel(CancelReason::Cancelled);
+        if job.phase == Phase::Waiting && job.abort.is_none() && self.is_draining() {
+            inner.jobs.remove(&notice.lease_token);
+        }
+        drop(inner);
+        self.changed.notify_waiters();
+    }
+
+    /// Marks the job running unless the worker is draining (then it stays
+    /// waiting and is handed back at the end of the drain).
+    pub(crate) fn try_start(&self, lease_token: &str) -> bool {
+        let mut inner = self.lock();
+        if self.is_draining() {
+            return false;
+        }
+        match inner.jobs.get_mut(lease_token) {
+            Some(job) => {
+                job.phase = Phase::Running;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) fn set_abort(&self, lease_token: &str, abort: AbortHandle) {
+        if let Some(job) = self.lock().jobs.get_mut(lease_token) {
+            job.abort = Some(abort);
+        }
+    }
+
+    /// True when a cancel notice stopped this job (its result is dropped).
+    pub(crate) fn cancelled_by_notice(&self, lease_token: &str) -> bool {
+        self.lock().jobs.get(lease_token).is_some_and(|job| job.cancelled_by_notice)
+    }
+
+    /// The job's handler is done (or never ran): queue its settle, or drop
+    /// it when it was cancelled by the broker.
+    pub(crate) fn on_finished(&self, lease_token: &str, settle: Settle) {
+        let mut inner = self.lock();
+        let Some(job) = inner.jobs.get_mut(lease_token) else {
+            return;
+        };
+        if job.cancelled_by_notice {
+            inner.jobs.remove(lease_token);
+            drop(inner);
+            self.changed.notify_waiters();
+            return;
+        }
+        job.phase = Phase::Settling;
+        job.abort = None;
+        let job_id = job.job_id.clone();
+        Self::uncount(&mut inner, lease_token, true);
+        let queued = match settle {
+            Settle::Ack(result) => inner.acks.as_ref().is_some_and(|acks| {
+                acks.send(SettleItem {
+                    lease_token: lease_token.to_owned(),
+                    request: v1::AckRequest { job_id, lease_token: lease_token.to_owned(), result },
+                })
+                .is_ok()
+            }),
+            Settle::Nack { error, retry_after, permanent } => inner.nacks.as_ref().is_some_and(|nacks| {
+                nacks
+                    .send(SettleItem {
+                        lease_token: lease_token.to_owned(),
+                        request: v1::NackRequest {
+                            job_id,
+                            lease_token: lease_token.to_owned(),
+                            error,
+                            retry_after: retry_after.map(workbroker_api::time::duration_to_proto),
+                            permanent,
+                        },
+                    })
+                    .is_ok()
+            }),
+        };
+        if !queued {
+            // The settlers are gone (hard stop): the lease is released when
+            // the stream closes, or expires.
+            inner.jobs.remove(lease_token);
+        }
+        drop(inner);
+        self.changed.notify_waiters();
+    }
+
+    /// The broker answered the job's ack or nack.
+    pub(crate) fn on_settled(&self, lease_token: &str) {
+        self.lock().jobs.remove(lease_token);
+        self.changed.notify_waiters();
+    }
+
+    /// Fires the tokens of running jobs (the drain deadline passed).
+    pub(crate) fn cancel_running(&self, reason: CancelReason) {
+        for job in self.lock().jobs.values() {
+            if job.phase == Phase::Running {
+                job.cancellation.cancel(reason);
+            }
+        }
+    }
+
+    /// Aborts handlers still running; their tasks nack them.
+    pub(crate) fn abort_running(&self) -> usize {
+        let inner = self.lock();
+        let mut aborted = 0;
+        for job in inner.jobs.values() {
+            if job.phase == Phase::Running
+                && let Some(abort) = &job.abort
+            {
+                abort.abort();
+                aborted += 1;
+            }
+        }
+        aborted
+    }
+
+    /// Nacks (retry at once) every job held but not started.
+    pub(crate) fn release_waiting(&self) -> usize {
+        let tokens: Vec<String> = self
+            .lock()
+            .jobs
+            .iter()
+            .filter(|(_, job)| job.phase == Phase::Waiting && job.abort.is_none())
+            .map(|(token, _)| token.clone())
+            .collect();
+        for token in &tokens {
+            Counters::add(&self.counters().released_at_shutdown);
+            self.on_finished(
+                token,
+                Settle::Nack {
+                    error: "not started: the worker is shutting down".to_owned(),
+                    retry_after: Some(Duration::ZERO),
+                    permanent: false,
+                },
+            );
+        }
+        tokens.len()
+    }
+
+    /// Closes the settle queues: the settlers end once all is answered.
+    pub(crate) fn close_settle_queues(&self) {
+        let mut inner = self.lock();
+        inner.acks = None;
+        inner.nacks = None;
+    }
+
+    /// Leases due for extension (their local deadline is within `ahead`),
+    /// marked as being extended.
+    pub(crate) fn take_due_extensions(&self, ahead: Duration) -> Vec<DueLease> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let mut due = Vec::new();
+        for (token, job) in &mut inner.jobs {
+            if job.lost || job.cancelled_by_notice || job.extending {
+                continue;
+            }
+            if job.deadline.saturating_duration_since(now) <= ahead {
+                job.extending = true;
+                due.push(DueLease { job_id: job.job_id.clone(), lease_token: token.clone() });
+            }
+        }
+        due
+    }
+
+    /// Every lease held and not known lost (checked at once after a lease
+    /// stream ended, to find leases the broker released).
+    pub(crate) fn take_all_for_check(&self) -> Vec<DueLease> {
+        self.take_due_extensions(Duration::MAX)
+    }
+
+    /// The broker answered an extension sent at `sent_at`.
+    pub(crate) fn extension_answered(&self, lease_token: &str, outcome: i32, sent_at: Instant) {
+        let mut inner = self.lock();
+        let Some(job) = inner.jobs.get_mut(lease_token) else {
+            return;
+        };
+        job.extending = false;
+        if outcome == v1::Outcome::Ok as i32 {
+            Counters::add(&self.counters().extensions_ok);
+            job.deadline = sent_at + self.config.lease_duration;
+            return;
+        }
+        if outcome == v1::Outcome::StaleLease as i32 || outcome == v1::Outcome::NotFound as i32 {
+            if !job.lost {
+                job.lost = true;
+                Counters::add(&self.counters().leases_lost);
+                tracing::warn!(job_id = %job.job_id, phase = ?job.phase, "lease lost; cancelling the job's handler");
+                job.cancellation.cancel(CancelReason::LeaseLost);
+            }
+            if job.phase == Phase::Settling {
+                // Its ack can no longer land; stop waiting for it.
+                inner.jobs.remove(lease_token);
+                drop(inner);
+                self.changed.notify_waiters();
+            }
+            return;
+        }
+        tracing::warn!(job_id = %job.job_id, outcome, "lease extension refused as invalid");
+    }
+
+    /// An extension request failed as a whole; try again on the next tick.
+    pub(crate) fn extension_failed(&self, lease_tokens: &[String]) {
+        let mut inner = self.lock();
+        for token in lease_tokens {
+            if let Some(job) = inner.jobs.get_mut(token) {
+                job.extending = false;
+            }
+        }
+    }
+}
