@@ -4,6 +4,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::coordination::etcd::EtcdConfig;
+use crate::coordination::lease::KeepAliveFreeze;
 use crate::reaper::ReaperConfig;
 use crate::server::ServerConfig;
 use crate::service::BatcherSettings;
@@ -63,35 +65,96 @@ pub struct ServeArgs {
     pub max_message_bytes: usize,
 
     /// Seconds a shutdown waits for in-flight jobs to be acked before releasing them.
-    #[arg(
-        long,
-        env = "WORKBROKER_SHUTDOWN_GRACE_SECONDS",
-        default_value_t = 10.0
-    )]
+    #[arg(long, env = "WORKBROKER_SHUTDOWN_GRACE_SECONDS", default_value_t = 10.0)]
     pub shutdown_grace_seconds: f64,
 
     /// Milliseconds between two reaper passes.
     #[arg(long, env = "WORKBROKER_REAPER_INTERVAL_MS", default_value_t = 1000)]
     pub reaper_interval_ms: u64,
+
+    /// Shards jobs are spread over; applied only to a database without jobs (default: stored, 64).
+    #[arg(long, env = "WORKBROKER_SHARD_COUNT", value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub shard_count: Option<u32>,
+
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
+
+/// Flags of the etcd connection. Without endpoints the replica runs alone.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EtcdArgs {
+    /// Comma-separated etcd endpoints (http://host:2379 or https://...).
+    #[arg(long, env = "ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Key prefix in etcd, so several clusters can share one etcd.
+    #[arg(long, env = "WORKBROKER_ETCD_PREFIX", default_value = "/workbroker")]
+    pub etcd_prefix: String,
+
+    /// etcd user name (with --etcd-password).
+    #[arg(long, env = "ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+
+    /// etcd password.
+    #[arg(long, env = "ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+
+    /// PEM CA bundle that signed etcd's certificate (turns TLS on).
+    #[arg(long, env = "WORKBROKER_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<std::path::PathBuf>,
+
+    /// PEM client certificate for mutual TLS (with --etcd-key-file).
+    #[arg(long, env = "WORKBROKER_ETCD_CERT_FILE")]
+    pub etcd_cert_file: Option<std::path::PathBuf>,
+
+    /// PEM client key for mutual TLS.
+    #[arg(long, env = "WORKBROKER_ETCD_KEY_FILE")]
+    pub etcd_key_file: Option<std::path::PathBuf>,
+
+    /// TTL of the election and membership leases, in seconds.
+    #[arg(long, env = "WORKBROKER_ELECTION_TTL_SECONDS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(2..=300))]
+    pub election_ttl_seconds: u64,
+}
+
+impl EtcdArgs {
+    /// The etcd configuration, or `None` when no endpoint is given.
+    pub fn etcd_config(&self) -> Option<EtcdConfig> {
+        let endpoints: Vec<String> = self
+            .etcd_endpoints
+            .iter()
+            .map(|endpoint| endpoint.trim().to_owned())
+            .filter(|endpoint| !endpoint.is_empty())
+            .map(|endpoint| if endpoint.contains("://") { endpoint } else { format!("http://{endpoint}") })
+            .collect();
+        if endpoints.is_empty() {
+            return None;
+        }
+        let lease_ttl = Duration::from_secs(self.election_ttl_seconds);
+        Some(EtcdConfig {
+            endpoints,
+            prefix: self.etcd_prefix.trim_end_matches('/').to_owned(),
+            username: self.etcd_username.clone(),
+            password: self.etcd_password.clone(),
+            ca_file: self.etcd_ca_file.clone(),
+            cert_file: self.etcd_cert_file.clone(),
+            key_file: self.etcd_key_file.clone(),
+            lease_ttl,
+            trust_margin: (lease_ttl / 10).max(Duration::from_millis(500)),
+        })
+    }
 }
 
 impl ServeArgs {
     pub fn server_config(&self) -> ServerConfig {
-        let member_id = self.member_id.clone().unwrap_or_else(|| {
-            format!(
-                "broker-{}",
-                &uuid::Uuid::new_v4().simple().to_string()[..12]
-            )
-        });
+        let member_id = self
+            .member_id
+            .clone()
+            .unwrap_or_else(|| format!("broker-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]));
         ServerConfig {
             store: self.database.store_config(),
             migrate: !self.no_migrate,
-            limits: Limits {
-                max_payload_bytes: self.max_payload_bytes,
-            },
-            max_message_bytes: self
-                .max_message_bytes
-                .max(self.max_payload_bytes + 64 * 1024),
+            limits: Limits { max_payload_bytes: self.max_payload_bytes },
+            max_message_bytes: self.max_message_bytes.max(self.max_payload_bytes + 64 * 1024),
             shutdown_grace: Duration::from_secs_f64(self.shutdown_grace_seconds.clamp(0.0, 3600.0)),
             reaper: ReaperConfig {
                 interval: Duration::from_millis(self.reaper_interval_ms.clamp(10, 60_000)),
@@ -101,6 +164,9 @@ impl ServeArgs {
             advertise_address: self.advertise_address.clone(),
             batchers: BatcherSettings::default(),
             watch_poll_interval: Duration::from_millis(500),
+            etcd: self.etcd.etcd_config(),
+            shard_count: self.shard_count,
+            keep_alive_freeze: KeepAliveFreeze::default(),
         }
     }
 }

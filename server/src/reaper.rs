@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::coordination::LeaderTerm;
 use crate::store::{self, Store};
 
 /// Default time between two ticks.
@@ -26,10 +27,7 @@ pub struct ReaperConfig {
 
 impl Default for ReaperConfig {
     fn default() -> Self {
-        Self {
-            interval: DEFAULT_INTERVAL,
-            batch_size: DEFAULT_BATCH_SIZE,
-        }
+        Self { interval: DEFAULT_INTERVAL, batch_size: DEFAULT_BATCH_SIZE }
     }
 }
 
@@ -44,11 +42,19 @@ pub struct ReaperCounts {
 pub struct Reaper {
     store: Store,
     config: ReaperConfig,
+    /// When set, ticks only run while this leader term is trusted.
+    term: Option<LeaderTerm>,
 }
 
 impl Reaper {
     pub fn new(store: Store, config: ReaperConfig) -> Self {
-        Self { store, config }
+        Self { store, config, term: None }
+    }
+
+    /// Runs ticks only while `term` is trusted (leader-only operation).
+    pub fn with_leader_term(mut self, term: LeaderTerm) -> Self {
+        self.term = Some(term);
+        self
     }
 
     /// Ticks until shutdown.
@@ -59,6 +65,10 @@ impl Reaper {
             tokio::select! {
                 _ = ticker.tick() => {}
                 () = shutdown.cancelled() => return,
+            }
+            if self.term.as_ref().is_some_and(|term| !term.is_trusted()) {
+                tracing::debug!("reaper tick skipped: leadership not trusted");
+                continue;
             }
             match self.run_once().await {
                 Ok(counts) if counts != ReaperCounts::default() => {
@@ -80,10 +90,7 @@ impl Reaper {
     pub async fn run_once(&self) -> store::Result<ReaperCounts> {
         let mut counts = ReaperCounts::default();
         loop {
-            let returned = self
-                .store
-                .jobs_expire_leases(self.config.batch_size)
-                .await?;
+            let returned = self.store.jobs_expire_leases(self.config.batch_size).await?;
             counts.requeued += returned.requeued;
             counts.dead += returned.dead;
             if returned.requeued + returned.dead < u64::from(self.config.batch_size) {
@@ -91,10 +98,7 @@ impl Reaper {
             }
         }
         loop {
-            let pruned = self
-                .store
-                .jobs_prune_finished(self.config.batch_size)
-                .await?;
+            let pruned = self.store.jobs_prune_finished(self.config.batch_size).await?;
             counts.pruned += pruned;
             if pruned < u64::from(self.config.batch_size) {
                 break;

@@ -14,10 +14,13 @@ use tonic::transport::server::TcpIncoming;
 use workbroker_api::v1::admin_server::AdminServer;
 use workbroker_api::v1::broker_server::BrokerServer;
 
-use crate::coordination::{MemberInfo, SingleNode};
+use crate::coordination::chores::LeaderChores;
+use crate::coordination::etcd::EtcdConfig;
+use crate::coordination::lease::KeepAliveFreeze;
+use crate::coordination::{ClusterView, EtcdCoordination, MemberInfo};
 use crate::dispatch::Dispatcher;
 use crate::dispatch::listener::NotificationListener;
-use crate::reaper::{Reaper, ReaperConfig};
+use crate::reaper::ReaperConfig;
 use crate::service::validate::Limits;
 use crate::service::{AdminService, BatcherSettings, Batchers, BrokerService, Shared};
 use crate::store::{self, Store, StoreConfig};
@@ -38,6 +41,12 @@ pub struct ServerConfig {
     pub advertise_address: Option<String>,
     pub batchers: BatcherSettings,
     pub watch_poll_interval: Duration,
+    /// Coordinate through etcd; `None`: run alone and lead yourself.
+    pub etcd: Option<EtcdConfig>,
+    /// Shard count to set on a database without jobs; `None`: use the stored one.
+    pub shard_count: Option<u32>,
+    /// Test hook: freezes this replica's etcd keep-alives.
+    pub keep_alive_freeze: KeepAliveFreeze,
 }
 
 /// Why the broker stopped with an error.
@@ -51,22 +60,21 @@ pub enum Error {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// How often to retry migrations while the database is unreachable at start.
 const MIGRATE_RETRIES: u32 = 30;
 
-async fn migrate_with_retry(
-    store: &Store,
-    shutdown: &CancellationToken,
-) -> Result<(), store::Error> {
+async fn migrate_with_retry(store: &Store, shutdown: &CancellationToken) -> Result<(), store::Error> {
     let mut attempt = 0;
     loop {
         match store.migrate().await {
             Ok(()) => return Ok(()),
-            Err(store::Error::Migration(sqlx::migrate::MigrateError::Execute(
-                sqlx::Error::Io(error),
-            ))) if attempt < MIGRATE_RETRIES => {
+            Err(store::Error::Migration(sqlx::migrate::MigrateError::Execute(sqlx::Error::Io(error))))
+                if attempt < MIGRATE_RETRIES =>
+            {
                 tracing::warn!(%error, "database unreachable; retrying migrations");
             }
             Err(store::Error::Unavailable(error)) if attempt < MIGRATE_RETRIES => {
@@ -82,12 +90,35 @@ async fn migrate_with_retry(
     }
 }
 
+/// The shard count in force: `wanted` is applied while the database has no
+/// jobs; a database that cannot be read yet falls back to the default.
+async fn shard_count(store: &Store, wanted: Option<u32>) -> Result<u32, Error> {
+    match wanted {
+        Some(wanted) => {
+            let in_force = store.settings_shard_count_set(wanted).await?;
+            if in_force != wanted {
+                return Err(Error::Config(format!(
+                    "shard count {wanted} requested but {in_force} is stored and jobs exist; \
+                     shard counts change only on an empty database"
+                )));
+            }
+            Ok(in_force)
+        }
+        None => match store.settings_shard_count().await {
+            Ok(count) => Ok(count),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read the shard count yet; assuming {DEFAULT_SHARD_COUNT}");
+                Ok(DEFAULT_SHARD_COUNT)
+            }
+        },
+    }
+}
+
+/// Shard count of a fresh database.
+const DEFAULT_SHARD_COUNT: u32 = 64;
+
 /// Runs a broker on `listener` until `shutdown` fires, then shuts down in order.
-pub async fn run(
-    config: ServerConfig,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
+pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<(), Error> {
     let local_address = listener.local_addr()?;
     let store = Store::connect_lazy(&config.store)?;
     if config.migrate {
@@ -95,46 +126,54 @@ pub async fn run(
         tracing::info!("database migrations applied");
     }
 
+    let shard_count = shard_count(&store, config.shard_count).await?;
+
     let background = TaskTracker::new();
     let background_stop = CancellationToken::new();
     let dispatcher = Dispatcher::new(store.clone());
-    background.spawn(
-        NotificationListener::new(store.clone(), dispatcher.clone()).run(background_stop.clone()),
-    );
-    background.spawn(Reaper::new(store.clone(), config.reaper).run(background_stop.clone()));
-    let batchers = Batchers::start(
-        &store,
-        &dispatcher,
-        config.batchers,
-        &background,
-        &background_stop,
-    );
+    background.spawn(NotificationListener::new(store.clone(), dispatcher.clone()).run(background_stop.clone()));
+    let batchers = Batchers::start(&store, &dispatcher, config.batchers, &background, &background_stop);
 
     let member = MemberInfo {
         member_id: config.member_id.clone(),
-        grpc_address: config
-            .advertise_address
-            .clone()
-            .unwrap_or_else(|| local_address.to_string()),
+        grpc_address: config.advertise_address.clone().unwrap_or_else(|| local_address.to_string()),
         started_at: chrono::Utc::now(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
+    let cluster = match &config.etcd {
+        None => {
+            let view = ClusterView::single_node(member, shard_count);
+            background.spawn(
+                LeaderChores::new(view.clone(), store.clone(), config.reaper, None).run(background_stop.clone()),
+            );
+            view
+        }
+        Some(etcd) => {
+            let view = ClusterView::clustered(member, shard_count);
+            let coordination = EtcdCoordination {
+                config: etcd.clone(),
+                view: view.clone(),
+                store: store.clone(),
+                reaper: config.reaper,
+                freeze: config.keep_alive_freeze.clone(),
+            };
+            background.spawn(coordination.run(background_stop.clone()));
+            view
+        }
+    };
+    dispatcher.follow_owned_shards(cluster.subscribe_owned_shards());
     let shared = Arc::new(Shared {
         store: store.clone(),
         dispatcher: dispatcher.clone(),
         batchers,
         limits: config.limits,
-        cluster: SingleNode::new(member),
+        cluster,
         watch_poll_interval: config.watch_poll_interval,
     });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<BrokerServer<BrokerService>>()
-        .await;
-    health_reporter
-        .set_serving::<AdminServer<AdminService>>()
-        .await;
+    health_reporter.set_serving::<BrokerServer<BrokerService>>().await;
+    health_reporter.set_serving::<AdminServer<AdminService>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(workbroker_api::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -182,16 +221,10 @@ pub async fn run(
     }
 
     tracing::info!(grace = ?config.shutdown_grace, held = dispatcher.held_leases(), "shutting down: draining leases");
-    health_reporter
-        .set_not_serving::<BrokerServer<BrokerService>>()
-        .await;
+    health_reporter.set_not_serving::<BrokerServer<BrokerService>>().await;
     dispatcher.stop_leasing();
-    dispatcher
-        .wait_drained(tokio::time::Instant::now() + config.shutdown_grace)
-        .await;
-    dispatcher
-        .close_all("lease released: broker shutting down")
-        .await;
+    dispatcher.wait_drained(tokio::time::Instant::now() + config.shutdown_grace).await;
+    dispatcher.close_all("lease released: broker shutting down").await;
     server_stop.cancel();
     match tokio::time::timeout(Duration::from_secs(5), &mut server).await {
         Ok(Ok(Err(error))) => tracing::warn!(%error, "gRPC server stopped with an error"),

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cancel_and_watch;
+mod cluster;
 mod lease_flow;
 mod ordering;
 mod reaper;

@@ -5,6 +5,9 @@
 //! harness creates `wbtest_<random>` databases next to it and drops them when
 //! a test finishes cleanly). Default: `postgres://postgres@127.0.0.1:5432/postgres`.
 
+pub mod etcd;
+pub mod process;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -111,6 +114,9 @@ pub fn test_config(database_url: &str) -> ServerConfig {
         advertise_address: None,
         batchers: BatcherSettings::default(),
         watch_poll_interval: Duration::from_millis(200),
+        etcd: None,
+        shard_count: None,
+        keep_alive_freeze: Default::default(),
     }
 }
 
@@ -458,4 +464,121 @@ pub async fn stats_of(admin: &mut AdminClient<Channel>, queue: &str) -> Result<v
         .into_iter()
         .next()
         .context("no stats for the queue")
+}
+
+impl Worker {
+    /// Sends any request on the stream (for protocol-violation tests).
+    pub fn send(&self, request: v1::lease_request::Request) -> Result<()> {
+        self.requests
+            .send(v1::LeaseRequest {
+                request: Some(request),
+            })
+            .context("send on the lease stream")
+    }
+
+    /// Waits for the next cancel notice, failing on anything else (or after `wait`).
+    pub async fn take_cancel_notice(&mut self, wait: Duration) -> Result<v1::CancelNotice> {
+        match self.next_within(wait).await? {
+            Some(v1::lease_response::Response::Cancelled(notice)) => Ok(notice),
+            Some(other) => anyhow::bail!("expected a cancel notice, got {other:?}"),
+            None => anyhow::bail!("no cancel notice within {wait:?}"),
+        }
+    }
+
+    /// Waits until the server ends the stream with an error status, skipping
+    /// any jobs or notices before it (error after `wait`, or if the stream
+    /// ends cleanly).
+    pub async fn expect_error_status(&mut self, wait: Duration) -> Result<tonic::Status> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, self.responses.message()).await {
+                Err(_) => anyhow::bail!("the stream did not end with an error within {wait:?}"),
+                Ok(Err(status)) => return Ok(status),
+                Ok(Ok(None)) => anyhow::bail!("the stream ended without an error status"),
+                Ok(Ok(Some(_))) => continue,
+            }
+        }
+    }
+}
+
+/// A job with an ordering key.
+pub fn keyed_job(queue: &str, kind: &str, ordering_key: &str) -> v1::NewJob {
+    v1::NewJob {
+        ordering_key: ordering_key.to_owned(),
+        ..new_job(queue, kind)
+    }
+}
+
+/// Reads a job.
+pub async fn get_job(broker: &mut BrokerClient<Channel>, job_id: &str) -> Result<v1::Job> {
+    Ok(broker
+        .get_job(v1::GetJobRequest {
+            job_id: job_id.to_owned(),
+        })
+        .await?
+        .into_inner())
+}
+
+/// Makes a queue's retries quick and predictable: a fixed `initial` delay,
+/// no jitter.
+pub async fn configure_fast_backoff(
+    admin: &mut AdminClient<Channel>,
+    queue: &str,
+    initial: Duration,
+) -> Result<v1::QueueInfo> {
+    Ok(admin
+        .configure_queue(v1::ConfigureQueueRequest {
+            queue: queue.to_owned(),
+            backoff_initial: Some(workbroker_api::time::duration_to_proto(initial)),
+            backoff_multiplier: Some(1.0),
+            backoff_jitter: Some(0.0),
+            ..Default::default()
+        })
+        .await?
+        .into_inner())
+}
+
+/// Every job of a queue (optionally of one state), following page tokens.
+pub async fn list_all_jobs(
+    admin: &mut AdminClient<Channel>,
+    queue: &str,
+    state: v1::JobState,
+) -> Result<Vec<v1::Job>> {
+    let mut jobs = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = admin
+            .list_jobs(v1::ListJobsRequest {
+                queue: queue.to_owned(),
+                state: state as i32,
+                page_size: 1000,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        jobs.extend(page.jobs);
+        if page.next_page_token.is_empty() {
+            return Ok(jobs);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// A config like [`test_config`] whose reaper practically never runs (only
+/// its first tick at start), for tests that drive a reaper themselves.
+pub fn config_without_reaper(database_url: &str) -> ServerConfig {
+    let mut config = test_config(database_url);
+    config.reaper.interval = Duration::from_secs(3600);
+    config
+}
+
+/// The status of a failed call, or an error if the call succeeded.
+pub fn expect_status<T: std::fmt::Debug>(
+    result: Result<tonic::Response<T>, tonic::Status>,
+) -> Result<tonic::Status> {
+    match result {
+        Ok(response) => anyhow::bail!("expected an error status, got {:?}", response.get_ref()),
+        Err(status) => Ok(status),
+    }
 }

@@ -41,9 +41,7 @@ pub struct Batcher<Item, Output> {
 
 impl<Item, Output> Clone for Batcher<Item, Output> {
     fn clone(&self) -> Self {
-        Self {
-            sender: self.sender.clone(),
-        }
+        Self { sender: self.sender.clone() }
     }
 }
 
@@ -51,10 +49,7 @@ impl<Item, Output> Batcher<Item, Output> {
     /// Submits one item and waits for its answer.
     pub async fn submit(&self, item: Item) -> Result<Output, SubmitError> {
         let (reply, answer) = oneshot::channel();
-        self.sender
-            .send(Pending { item, reply })
-            .await
-            .map_err(|_| SubmitError::ShuttingDown)?;
+        self.sender.send(Pending { item, reply }).await.map_err(|_| SubmitError::ShuttingDown)?;
         match answer.await {
             Ok(Ok(output)) => Ok(output),
             Ok(Err(error)) => Err(SubmitError::Store(error)),
@@ -95,16 +90,7 @@ where
     FlushFuture: Future<Output = store::Result<Vec<Output>>>,
 {
     let (sender, receiver) = mpsc::channel(limits.queue_capacity.max(1));
-    (
-        Batcher { sender },
-        BatcherLoop {
-            name,
-            receiver,
-            flush,
-            weigh,
-            limits,
-        },
-    )
+    (Batcher { sender }, BatcherLoop { name, receiver, flush, weigh, limits })
 }
 
 impl<Item, Output, Flush, FlushFuture> BatcherLoop<Item, Output, Flush>
@@ -142,10 +128,8 @@ where
                     Err(_) => break,
                 }
             }
-            let (items, replies): (Vec<Item>, Vec<_>) = batch
-                .into_iter()
-                .map(|pending| (pending.item, pending.reply))
-                .unzip();
+            let (items, replies): (Vec<Item>, Vec<_>) =
+                batch.into_iter().map(|pending| (pending.item, pending.reply)).unzip();
             let flush = (self.flush)(items);
             let name = self.name;
             flushes.spawn(async move {
@@ -163,9 +147,8 @@ where
                             got = outputs.len(),
                             "batch answered the wrong number of items"
                         );
-                        let error = Arc::new(store::Error::Conflict(
-                            "batch answered the wrong number of items".to_owned(),
-                        ));
+                        let error =
+                            Arc::new(store::Error::Conflict("batch answered the wrong number of items".to_owned()));
                         for reply in replies {
                             let _ = reply.send(Err(error.clone()));
                         }
@@ -195,11 +178,7 @@ mod tests {
     async fn answers_every_item_in_order_and_coalesces_under_load() {
         let batches = Arc::new(AtomicUsize::new(0));
         let counter = batches.clone();
-        let limits = BatcherLimits {
-            max_batch_weight: 100,
-            max_concurrent_flushes: 1,
-            queue_capacity: 1000,
-        };
+        let limits = BatcherLimits { max_batch_weight: 100, max_concurrent_flushes: 1, queue_capacity: 1000 };
         let (handle, batch_loop) = batcher(
             "test",
             limits,
@@ -224,32 +203,20 @@ mod tests {
             let doubled = call.await.expect("task").expect("answer");
             assert_eq!(doubled, u32::try_from(item).expect("small") * 2);
         }
-        assert!(
-            batches.load(Ordering::SeqCst) < 200,
-            "items were not coalesced"
-        );
+        assert!(batches.load(Ordering::SeqCst) < 200, "items were not coalesced");
         shutdown.cancel();
         running.await.expect("loop ends");
-        assert!(matches!(
-            handle.submit(1).await,
-            Err(SubmitError::ShuttingDown)
-        ));
+        assert!(matches!(handle.submit(1).await, Err(SubmitError::ShuttingDown)));
     }
 
     #[tokio::test]
     async fn a_failed_batch_fails_each_of_its_items() {
-        let limits = BatcherLimits {
-            max_batch_weight: 10,
-            max_concurrent_flushes: 1,
-            queue_capacity: 10,
-        };
+        let limits = BatcherLimits { max_batch_weight: 10, max_concurrent_flushes: 1, queue_capacity: 10 };
         let (handle, batch_loop) = batcher(
             "test",
             limits,
             |_: &u32| 1,
-            |_items: Vec<u32>| async {
-                Err::<Vec<u32>, _>(store::Error::Unavailable("down".to_owned()))
-            },
+            |_items: Vec<u32>| async { Err::<Vec<u32>, _>(store::Error::Unavailable("down".to_owned())) },
         );
         let shutdown = CancellationToken::new();
         let running = tokio::spawn(batch_loop.run(shutdown.clone()));

@@ -60,9 +60,7 @@ impl NotificationListener {
                 () = shutdown.cancelled() => return,
             };
             match received {
-                Ok(Some(notification)) => {
-                    self.handle(notification.channel(), notification.payload())
-                }
+                Ok(Some(notification)) => self.handle(notification.channel(), notification.payload()),
                 Ok(None) => {
                     tracing::warn!("notification connection lost; reconnecting");
                     self.dispatcher.wake_all();
@@ -82,8 +80,7 @@ impl NotificationListener {
         }
         if let Some(rest) = payload.strip_prefix("cancel:") {
             if let Some(lease) = parse_lease(rest) {
-                self.dispatcher
-                    .lease_cancelled(lease.job_id, lease.lease_token);
+                self.dispatcher.lease_cancelled(lease.job_id, lease.lease_token);
             }
         } else if let Some(rest) = payload.strip_prefix("settled:") {
             let leases: Vec<HeldLease> = rest.split(',').filter_map(parse_lease).collect();
@@ -94,10 +91,7 @@ impl NotificationListener {
 
 fn parse_lease(text: &str) -> Option<HeldLease> {
     let (job_id, token) = text.split_once(':')?;
-    Some(HeldLease {
-        job_id: job_id.parse().ok()?,
-        lease_token: Uuid::parse_str(token).ok()?,
-    })
+    Some(HeldLease { job_id: job_id.parse().ok()?, lease_token: Uuid::parse_str(token).ok()? })
 }
 
 /// Payloads announcing settled leases, each within the notification limit.
@@ -131,12 +125,7 @@ mod tests {
 
     #[test]
     fn settled_payloads_round_trip_and_stay_small() {
-        let leases: Vec<HeldLease> = (0..500)
-            .map(|job_id| HeldLease {
-                job_id,
-                lease_token: Uuid::new_v4(),
-            })
-            .collect();
+        let leases: Vec<HeldLease> = (0..500).map(|job_id| HeldLease { job_id, lease_token: Uuid::new_v4() }).collect();
         let payloads = settled_payloads(&leases);
         assert!(payloads.len() > 1);
         let mut parsed = Vec::new();
@@ -154,12 +143,6 @@ mod tests {
         let token = Uuid::new_v4();
         let payload = cancel_payload(42, token);
         let lease = parse_lease(payload.strip_prefix("cancel:").expect("prefix")).expect("parses");
-        assert_eq!(
-            lease,
-            HeldLease {
-                job_id: 42,
-                lease_token: token
-            }
-        );
+        assert_eq!(lease, HeldLease { job_id: 42, lease_token: token });
     }
 }

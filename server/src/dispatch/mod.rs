@@ -96,19 +96,14 @@ pub struct LeaseStream {
 
 impl LeaseStream {
     fn state(&self) -> MutexGuard<'_, StreamState> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Widens the window. Errors when the window would exceed [`MAX_WINDOW`].
     pub fn add_credit(&self, count: u32) -> Result<(), WindowError> {
         {
             let mut state = self.state();
-            let widened = state
-                .window
-                .checked_add(count)
-                .filter(|window| *window <= MAX_WINDOW);
+            let widened = state.window.checked_add(count).filter(|window| *window <= MAX_WINDOW);
             let Some(widened) = widened else {
                 return Err(WindowError { limit: MAX_WINDOW });
             };
@@ -155,6 +150,8 @@ struct Registry {
 #[derive(Debug)]
 pub struct Dispatcher {
     store: Store,
+    /// Shards this replica dispatches first (`None`: no preference).
+    owned_shards: Mutex<Option<tokio::sync::watch::Receiver<Option<Arc<Vec<i32>>>>>>,
     registry: Mutex<Registry>,
     changes: broadcast::Sender<i64>,
     leasing: CancellationToken,
@@ -174,16 +171,26 @@ impl Dispatcher {
         let (changes, _) = broadcast::channel(4096);
         Arc::new(Self {
             store,
+            owned_shards: Mutex::new(None),
             registry: Mutex::new(Registry::default()),
             changes,
             leasing: CancellationToken::new(),
         })
     }
 
+    /// Dispatches first from the shards this receiver names (the cluster
+    /// view's ownership), and from other shards only when those are empty.
+    pub fn follow_owned_shards(&self, owned: tokio::sync::watch::Receiver<Option<Arc<Vec<i32>>>>) {
+        *self.owned_shards.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(owned);
+    }
+
+    fn owned_shards(&self) -> Option<Arc<Vec<i32>>> {
+        let guard = self.owned_shards.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        guard.as_ref().and_then(|receiver| receiver.borrow().clone()).filter(|owned| !owned.is_empty())
+    }
+
     fn registry(&self) -> MutexGuard<'_, Registry> {
-        self.registry
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Registers a stream and starts its lease task. Events arrive on the
@@ -201,20 +208,13 @@ impl Dispatcher {
             let stream = Arc::new(LeaseStream {
                 id,
                 filter,
-                state: Mutex::new(StreamState {
-                    window,
-                    ..StreamState::default()
-                }),
+                state: Mutex::new(StreamState { window, ..StreamState::default() }),
                 wake: Notify::new(),
                 events,
                 stop: CancellationToken::new(),
             });
             for queue in &stream.filter.queues {
-                registry
-                    .by_queue
-                    .entry(queue.clone())
-                    .or_default()
-                    .insert(id);
+                registry.by_queue.entry(queue.clone()).or_default().insert(id);
             }
             registry.streams.insert(id, stream.clone());
             stream
@@ -240,14 +240,8 @@ impl Dispatcher {
             }
             let mut state = stream.state();
             state.closed = true;
-            let held: Vec<HeldLease> = state
-                .held
-                .drain()
-                .map(|(lease_token, job_id)| HeldLease {
-                    job_id,
-                    lease_token,
-                })
-                .collect();
+            let held: Vec<HeldLease> =
+                state.held.drain().map(|(lease_token, job_id)| HeldLease { job_id, lease_token }).collect();
             for lease in &held {
                 registry.leases.remove(&lease.lease_token);
             }
@@ -274,11 +268,7 @@ impl Dispatcher {
             registry
                 .by_queue
                 .get(queue)
-                .map(|ids| {
-                    ids.iter()
-                        .filter_map(|id| registry.streams.get(id).cloned())
-                        .collect()
-                })
+                .map(|ids| ids.iter().filter_map(|id| registry.streams.get(id).cloned()).collect())
                 .unwrap_or_default()
         };
         for stream in streams {
@@ -349,10 +339,7 @@ impl Dispatcher {
             registry.leases.remove(&lease_token);
             stream
         };
-        let _ = stream.events.send(StreamEvent::Cancelled {
-            job_id,
-            lease_token,
-        });
+        let _ = stream.events.send(StreamEvent::Cancelled { job_id, lease_token });
         stream.wake.notify_one();
         true
     }
@@ -435,9 +422,7 @@ impl Dispatcher {
                 (if dry { 0 } else { free }, state.work_epoch)
             };
             if free > 0 {
-                let limit = u32::try_from(free)
-                    .unwrap_or(MAX_LEASE_BATCH)
-                    .min(MAX_LEASE_BATCH);
+                let limit = u32::try_from(free).unwrap_or(MAX_LEASE_BATCH).min(MAX_LEASE_BATCH);
                 match self.lease_into(&stream, limit).await {
                     Ok(leased) => {
                         error_backoff = Duration::from_millis(100);
@@ -475,16 +460,24 @@ impl Dispatcher {
 
     /// Leases up to `limit` jobs for `stream` and sends them. Returns how many.
     async fn lease_into(&self, stream: &LeaseStream, limit: u32) -> store::Result<u32> {
-        let jobs = self
-            .store
-            .jobs_lease(&LeaseParams {
-                queues: &stream.filter.queues,
-                kinds: &stream.filter.kinds,
-                limit,
-                lease_duration: stream.filter.lease_duration,
-                worker_id: &stream.filter.worker_id,
-            })
-            .await?;
+        let params = |limit, shards| LeaseParams {
+            queues: &stream.filter.queues,
+            kinds: &stream.filter.kinds,
+            limit,
+            lease_duration: stream.filter.lease_duration,
+            worker_id: &stream.filter.worker_id,
+            shards,
+        };
+        // Own shards first; other shards only for what they leave unfilled.
+        let owned = self.owned_shards();
+        let mut jobs = match &owned {
+            Some(owned) => self.store.jobs_lease(&params(limit, Some(owned.as_slice()))).await?,
+            None => Vec::new(),
+        };
+        let short = limit.saturating_sub(u32::try_from(jobs.len()).unwrap_or(limit));
+        if short > 0 {
+            jobs.extend(self.store.jobs_lease(&params(short, None)).await?);
+        }
         let count = u32::try_from(jobs.len()).unwrap_or(u32::MAX);
         if jobs.is_empty() {
             return Ok(0);
@@ -505,21 +498,11 @@ impl Dispatcher {
             }
         };
         self.publish_changes(jobs.iter().map(|job| job.id));
-        if !accepted
-            || stream
-                .events
-                .send(StreamEvent::Leased(jobs.clone()))
-                .is_err()
-        {
+        if !accepted || stream.events.send(StreamEvent::Leased(jobs.clone())).is_err() {
             // The stream closed while we leased: hand the jobs straight back.
             let leases: Vec<HeldLease> = jobs
                 .iter()
-                .filter_map(|job| {
-                    job.lease_token.map(|lease_token| HeldLease {
-                        job_id: job.id,
-                        lease_token,
-                    })
-                })
+                .filter_map(|job| job.lease_token.map(|lease_token| HeldLease { job_id: job.id, lease_token }))
                 .collect();
             {
                 let mut registry = self.registry();
@@ -529,9 +512,7 @@ impl Dispatcher {
                     registry.leases.remove(&lease.lease_token);
                 }
             }
-            self.store
-                .jobs_release_many(&leases, "lease released: worker stream closed")
-                .await?;
+            self.store.jobs_release_many(&leases, "lease released: worker stream closed").await?;
         } else {
             for job in &jobs {
                 tracing::debug!(job_id = job.id, queue = %job.queue, kind = %job.kind, attempt = job.attempt, worker_id = %stream.filter.worker_id, "job leased");
@@ -541,11 +522,7 @@ impl Dispatcher {
     }
 
     async fn next_due(&self, stream: &LeaseStream) -> Option<Instant> {
-        match self
-            .store
-            .jobs_next_due(&stream.filter.queues, &stream.filter.kinds)
-            .await
-        {
+        match self.store.jobs_next_due(&stream.filter.queues, &stream.filter.kinds).await {
             Ok(Some(until)) => Some(Instant::now() + until + DUE_MARGIN),
             Ok(None) => None,
             Err(error) => {

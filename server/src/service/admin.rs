@@ -37,9 +37,7 @@ fn optional_duration(
     min: Duration,
     max: Duration,
 ) -> Result<Option<Duration>, Error> {
-    value
-        .map(|duration| validate::duration_in(field, duration, min, max))
-        .transpose()
+    value.map(|duration| validate::duration_in(field, duration, min, max)).transpose()
 }
 
 fn settings_patch(request: &v1::ConfigureQueueRequest) -> Result<QueueSettingsPatch, Error> {
@@ -72,12 +70,7 @@ fn settings_patch(request: &v1::ConfigureQueueRequest) -> Result<QueueSettingsPa
             Duration::ZERO,
             MAX_BACKOFF,
         )?,
-        backoff_max: optional_duration(
-            "backoff_max",
-            request.backoff_max.as_ref(),
-            Duration::ZERO,
-            MAX_BACKOFF,
-        )?,
+        backoff_max: optional_duration("backoff_max", request.backoff_max.as_ref(), Duration::ZERO, MAX_BACKOFF)?,
         backoff_multiplier,
         backoff_jitter,
         completed_retention: optional_duration(
@@ -90,10 +83,7 @@ fn settings_patch(request: &v1::ConfigureQueueRequest) -> Result<QueueSettingsPa
     if let (Some(initial), Some(max)) = (patch.backoff_initial, patch.backoff_max)
         && max < initial
     {
-        return Err(Error::invalid(
-            "backoff_max",
-            "must not be below backoff_initial",
-        ));
+        return Err(Error::invalid("backoff_max", "must not be below backoff_initial"));
     }
     Ok(patch)
 }
@@ -119,24 +109,15 @@ impl Admin for AdminService {
         if !queue.is_empty() {
             validate::name("queue", &queue)?;
         }
-        let stats = self
-            .shared
-            .store
-            .queue_stats((!queue.is_empty()).then_some(queue.as_str()))
-            .await
-            .map_err(Error::from)?;
+        let stats =
+            self.shared.store.queue_stats((!queue.is_empty()).then_some(queue.as_str())).await.map_err(Error::from)?;
         if !queue.is_empty() && stats.is_empty() {
             return Err(Error::NotFound(format!("queue {queue} not found")).into());
         }
-        Ok(Response::new(v1::GetQueueStatsResponse {
-            queues: stats.iter().map(convert::queue_stats).collect(),
-        }))
+        Ok(Response::new(v1::GetQueueStatsResponse { queues: stats.iter().map(convert::queue_stats).collect() }))
     }
 
-    async fn list_jobs(
-        &self,
-        request: Request<v1::ListJobsRequest>,
-    ) -> Result<Response<v1::ListJobsResponse>, Status> {
+    async fn list_jobs(&self, request: Request<v1::ListJobsRequest>) -> Result<Response<v1::ListJobsResponse>, Status> {
         let request = request.into_inner();
         validate::name("queue", &request.queue)?;
         let state = match v1::JobState::try_from(request.state) {
@@ -148,33 +129,21 @@ impl Admin for AdminService {
             0 => DEFAULT_PAGE_SIZE,
             size @ 1..=MAX_PAGE_SIZE => size,
             _ => {
-                return Err(Error::invalid(
-                    "page_size",
-                    format!("must be at most {MAX_PAGE_SIZE}"),
-                )
-                .into());
+                return Err(Error::invalid("page_size", format!("must be at most {MAX_PAGE_SIZE}")).into());
             }
         };
         let after_sequence = page_token(&request.page_token)?;
         let jobs = self
             .shared
             .store
-            .jobs_list(&ListParams {
-                queue: &request.queue,
-                state,
-                after_sequence,
-                limit: page_size,
-            })
+            .jobs_list(&ListParams { queue: &request.queue, state, after_sequence, limit: page_size })
             .await
             .map_err(Error::from)?;
         let next_page_token = match jobs.last() {
             Some(last) if jobs.len() == page_size as usize => format!("after:{}", last.sequence),
             _ => String::new(),
         };
-        Ok(Response::new(v1::ListJobsResponse {
-            jobs: jobs.iter().map(convert::job).collect(),
-            next_page_token,
-        }))
+        Ok(Response::new(v1::ListJobsResponse { jobs: jobs.iter().map(convert::job).collect(), next_page_token }))
     }
 
     async fn redrive_dead_letters(
@@ -184,11 +153,7 @@ impl Admin for AdminService {
         let request = request.into_inner();
         validate::name("queue", &request.queue)?;
         if request.job_ids.len() > MAX_PAGE_SIZE as usize {
-            return Err(Error::invalid(
-                "job_ids",
-                format!("must have at most {MAX_PAGE_SIZE} ids"),
-            )
-            .into());
+            return Err(Error::invalid("job_ids", format!("must have at most {MAX_PAGE_SIZE} ids")).into());
         }
         let job_ids = request
             .job_ids
@@ -207,9 +172,7 @@ impl Admin for AdminService {
             .jobs_redrive(&request.queue, &job_ids, max_attempts, MAX_REDRIVE)
             .await
             .map_err(Error::from)?;
-        self.shared
-            .dispatcher
-            .publish_changes(redriven.iter().copied());
+        self.shared.dispatcher.publish_changes(redriven.iter().copied());
         tracing::info!(queue = %request.queue, redriven = redriven.len(), "dead letters redriven");
         Ok(Response::new(v1::RedriveDeadLettersResponse {
             redriven: redriven.len() as u64,
@@ -217,34 +180,18 @@ impl Admin for AdminService {
         }))
     }
 
-    async fn pause_queue(
-        &self,
-        request: Request<v1::PauseQueueRequest>,
-    ) -> Result<Response<v1::QueueInfo>, Status> {
+    async fn pause_queue(&self, request: Request<v1::PauseQueueRequest>) -> Result<Response<v1::QueueInfo>, Status> {
         let queue = request.into_inner().queue;
         validate::name("queue", &queue)?;
-        let record = self
-            .shared
-            .store
-            .queue_set_paused(&queue, true)
-            .await
-            .map_err(Error::from)?;
+        let record = self.shared.store.queue_set_paused(&queue, true).await.map_err(Error::from)?;
         tracing::info!(%queue, "queue paused");
         Ok(Response::new(convert::queue_info(&record)))
     }
 
-    async fn resume_queue(
-        &self,
-        request: Request<v1::ResumeQueueRequest>,
-    ) -> Result<Response<v1::QueueInfo>, Status> {
+    async fn resume_queue(&self, request: Request<v1::ResumeQueueRequest>) -> Result<Response<v1::QueueInfo>, Status> {
         let queue = request.into_inner().queue;
         validate::name("queue", &queue)?;
-        let record = self
-            .shared
-            .store
-            .queue_set_paused(&queue, false)
-            .await
-            .map_err(Error::from)?;
+        let record = self.shared.store.queue_set_paused(&queue, false).await.map_err(Error::from)?;
         tracing::info!(%queue, "queue resumed");
         Ok(Response::new(convert::queue_info(&record)))
     }
@@ -258,28 +205,15 @@ impl Admin for AdminService {
         let patch = settings_patch(&request)?;
         if patch.backoff_initial.is_some() != patch.backoff_max.is_some() {
             // Check the one given against the stored other.
-            if let Some(current) = self
-                .shared
-                .store
-                .queue_get(&request.queue)
-                .await
-                .map_err(Error::from)?
-            {
+            if let Some(current) = self.shared.store.queue_get(&request.queue).await.map_err(Error::from)? {
                 let initial = patch.backoff_initial.unwrap_or(current.backoff_initial);
                 let max = patch.backoff_max.unwrap_or(current.backoff_max);
                 if max < initial {
-                    return Err(
-                        Error::invalid("backoff_max", "must not be below backoff_initial").into(),
-                    );
+                    return Err(Error::invalid("backoff_max", "must not be below backoff_initial").into());
                 }
             }
         }
-        let record = self
-            .shared
-            .store
-            .queue_configure(&request.queue, &patch)
-            .await
-            .map_err(Error::from)?;
+        let record = self.shared.store.queue_configure(&request.queue, &patch).await.map_err(Error::from)?;
         tracing::info!(queue = %request.queue, "queue configured");
         Ok(Response::new(convert::queue_info(&record)))
     }
@@ -288,13 +222,8 @@ impl Admin for AdminService {
         &self,
         _request: Request<v1::GetClusterInfoRequest>,
     ) -> Result<Response<v1::ClusterInfo>, Status> {
-        let shard_count = self
-            .shared
-            .store
-            .settings_shard_count()
-            .await
-            .map_err(Error::from)?;
-        let snapshot = self.shared.cluster.snapshot(shard_count);
+        let snapshot = self.shared.cluster.snapshot();
+        let leader_id = snapshot.leader_id.clone().unwrap_or_default();
         let members = snapshot
             .members
             .iter()
@@ -303,20 +232,15 @@ impl Admin for AdminService {
                 grpc_address: member.grpc_address.clone(),
                 started_at: Some(convert::timestamp(member.started_at)),
                 version: member.version.clone(),
-                shards: snapshot
-                    .shards
-                    .iter()
-                    .find(|(owner, _)| *owner == member.member_id)
-                    .map(|(_, shards)| shards.clone())
-                    .unwrap_or_default(),
-                leader: member.member_id == snapshot.leader_id,
+                shards: snapshot.shard_map.shards_of(&member.member_id),
+                leader: member.member_id == leader_id,
             })
             .collect();
         Ok(Response::new(v1::ClusterInfo {
             members,
-            leader_id: snapshot.leader_id,
-            shard_map_generation: snapshot.shard_map_generation,
-            shard_count,
+            leader_id,
+            shard_map_generation: snapshot.shard_map.generation,
+            shard_count: self.shared.cluster.shard_count(),
             self_id: snapshot.self_id,
         }))
     }

@@ -15,9 +15,7 @@ use super::error::Error;
 use super::{Shared, convert, validate};
 use crate::dispatch::listener::cancel_payload;
 use crate::dispatch::{LeaseFilter, LeaseStream, StreamEvent};
-use crate::store::{
-    self, AckItem, CancelResult, ExtendItem, LEASES_CHANNEL, NackItem, SettleOutcome,
-};
+use crate::store::{self, AckItem, CancelResult, ExtendItem, LEASES_CHANNEL, NackItem, SettleOutcome};
 
 /// Requests one Ack or Nack stream may have in the batchers at once.
 const MAX_PIPELINED_SETTLES: usize = 1024;
@@ -47,9 +45,7 @@ fn outcome(outcome: SettleOutcome) -> i32 {
 fn outcome_message(outcome: SettleOutcome) -> String {
     match outcome {
         SettleOutcome::Ok => String::new(),
-        SettleOutcome::StaleLease => {
-            "the lease token is not current or the job is no longer leased".to_owned()
-        }
+        SettleOutcome::StaleLease => "the lease token is not current or the job is no longer leased".to_owned(),
         SettleOutcome::NotFound => "no such job".to_owned(),
     }
 }
@@ -75,9 +71,7 @@ fn leased_messages(jobs: &[store::JobRecord]) -> Vec<v1::LeaseResponse> {
 }
 
 fn leased_message(jobs: Vec<v1::LeasedJob>) -> v1::LeaseResponse {
-    v1::LeaseResponse {
-        response: Some(v1::lease_response::Response::Jobs(v1::LeasedJobs { jobs })),
-    }
+    v1::LeaseResponse { response: Some(v1::lease_response::Response::Jobs(v1::LeasedJobs { jobs })) }
 }
 
 struct LeaseResponses {
@@ -93,12 +87,7 @@ fn lease_responses(
     events: mpsc::UnboundedReceiver<StreamEvent>,
     end: oneshot::Receiver<Option<Status>>,
 ) -> impl Stream<Item = Result<v1::LeaseResponse, Status>> {
-    let state = LeaseResponses {
-        events,
-        end: Some(end),
-        pending: VecDeque::new(),
-        finished: false,
-    };
+    let state = LeaseResponses { events, end: Some(end), pending: VecDeque::new(), finished: false };
     futures::stream::unfold(state, |mut state| async move {
         loop {
             if let Some(item) = state.pending.pop_front() {
@@ -141,10 +130,7 @@ fn lease_responses(
 /// Reads credits until the stream ends, then unregisters it (releasing its
 /// leases). Returns the status to end the stream with, if the client broke
 /// the protocol.
-async fn read_credits(
-    mut inbound: Streaming<v1::LeaseRequest>,
-    stream: &LeaseStream,
-) -> Option<Status> {
+async fn read_credits(mut inbound: Streaming<v1::LeaseRequest>, stream: &LeaseStream) -> Option<Status> {
     use v1::lease_request::Request as Item;
     loop {
         let message = tokio::select! {
@@ -158,9 +144,7 @@ async fn read_credits(
         match request.request {
             Some(Item::Credit(credit)) => {
                 let result = validate::credit(&credit).and_then(|count| {
-                    stream
-                        .add_credit(count)
-                        .map_err(|error| Error::ResourceExhausted(format!("credit.count: {error}")))
+                    stream.add_credit(count).map_err(|error| Error::ResourceExhausted(format!("credit.count: {error}")))
                 });
                 if let Err(error) = result {
                     return Some(error.into());
@@ -184,11 +168,7 @@ impl BrokerService {
                     format!("must be at most {} bytes", shared.limits.max_payload_bytes),
                 ));
             }
-            Ok(AckItem {
-                job_id,
-                lease_token,
-                result: request.result,
-            })
+            Ok(AckItem { job_id, lease_token, result: request.result })
         });
         let item = match checked {
             Ok(item) => item,
@@ -201,32 +181,18 @@ impl BrokerService {
             }
         };
         let job_id = item.job_id;
-        let settled = shared
-            .batchers
-            .ack
-            .submit(item)
-            .await
-            .map_err(Error::from)?;
+        let settled = shared.batchers.ack.submit(item).await.map_err(Error::from)?;
         tracing::debug!(job_id, outcome = ?settled, "ack");
-        Ok(v1::AckResponse {
-            job_id: request.job_id,
-            outcome: outcome(settled),
-            message: outcome_message(settled),
-        })
+        Ok(v1::AckResponse { job_id: request.job_id, outcome: outcome(settled), message: outcome_message(settled) })
     }
 
-    async fn nack_one(
-        shared: &Shared,
-        request: v1::NackRequest,
-    ) -> Result<v1::NackResponse, Status> {
+    async fn nack_one(shared: &Shared, request: v1::NackRequest) -> Result<v1::NackResponse, Status> {
         let checked = validate::job_id("job_id", &request.job_id).and_then(|job_id| {
             let lease_token = validate::lease_token("lease_token", &request.lease_token)?;
             let retry_after = request
                 .retry_after
                 .as_ref()
-                .map(|delay| {
-                    validate::duration_in("retry_after", delay, Duration::ZERO, validate::MAX_DELAY)
-                })
+                .map(|delay| validate::duration_in("retry_after", delay, Duration::ZERO, validate::MAX_DELAY))
                 .transpose()?;
             Ok(NackItem {
                 job_id,
@@ -248,12 +214,7 @@ impl BrokerService {
             }
         };
         let job_id = item.job_id;
-        let result = shared
-            .batchers
-            .nack
-            .submit(item)
-            .await
-            .map_err(Error::from)?;
+        let result = shared.batchers.nack.submit(item).await.map_err(Error::from)?;
         tracing::debug!(job_id, outcome = ?result.outcome, next_state = ?result.next_state, "nack");
         Ok(v1::NackResponse {
             job_id: request.job_id,
@@ -266,19 +227,10 @@ impl BrokerService {
 
 #[tonic::async_trait]
 impl Broker for BrokerService {
-    async fn enqueue(
-        &self,
-        request: Request<v1::EnqueueRequest>,
-    ) -> Result<Response<v1::EnqueueResponse>, Status> {
+    async fn enqueue(&self, request: Request<v1::EnqueueRequest>) -> Result<Response<v1::EnqueueResponse>, Status> {
         let jobs = validate::enqueue(request.get_ref(), self.shared.limits)?;
         let count = jobs.len();
-        let enqueued = self
-            .shared
-            .batchers
-            .enqueue
-            .submit(jobs)
-            .await
-            .map_err(Error::from)?;
+        let enqueued = self.shared.batchers.enqueue.submit(jobs).await.map_err(Error::from)?;
         tracing::debug!(jobs = count, "enqueued");
         Ok(Response::new(v1::EnqueueResponse {
             jobs: enqueued
@@ -299,12 +251,10 @@ impl Broker for BrokerService {
         request: Request<Streaming<v1::LeaseRequest>>,
     ) -> Result<Response<Self::LeaseStream>, Status> {
         let mut inbound = request.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Status::from(Error::invalid(
-                "open",
-                "the stream ended before its first message",
-            ))
-        })?;
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::from(Error::invalid("open", "the stream ended before its first message")))?;
         let open = match first.request {
             Some(v1::lease_request::Request::Open(open)) => validate::open_lease(&open)?,
             _ => return Err(Error::invalid("open", "the first message must be open").into()),
@@ -321,9 +271,7 @@ impl Broker for BrokerService {
         let (end_sender, end) = oneshot::channel();
         tokio::spawn(async move {
             let status = read_credits(inbound, &stream).await;
-            dispatcher
-                .close_stream(&stream, "lease released: worker stream closed")
-                .await;
+            dispatcher.close_stream(&stream, "lease released: worker stream closed").await;
             tracing::info!(worker_id = %stream.filter().worker_id, "lease stream closed");
             let _ = end_sender.send(status);
         });
@@ -332,10 +280,7 @@ impl Broker for BrokerService {
 
     type AckStream = ResponseStream<v1::AckResponse>;
 
-    async fn ack(
-        &self,
-        request: Request<Streaming<v1::AckRequest>>,
-    ) -> Result<Response<Self::AckStream>, Status> {
+    async fn ack(&self, request: Request<Streaming<v1::AckRequest>>) -> Result<Response<Self::AckStream>, Status> {
         let shared = self.shared.clone();
         let responses = request
             .into_inner()
@@ -349,10 +294,7 @@ impl Broker for BrokerService {
 
     type NackStream = ResponseStream<v1::NackResponse>;
 
-    async fn nack(
-        &self,
-        request: Request<Streaming<v1::NackRequest>>,
-    ) -> Result<Response<Self::NackStream>, Status> {
+    async fn nack(&self, request: Request<Streaming<v1::NackRequest>>) -> Result<Response<Self::NackStream>, Status> {
         let shared = self.shared.clone();
         let responses = request
             .into_inner()
@@ -374,15 +316,13 @@ impl Broker for BrokerService {
         }
         let mut items = Vec::with_capacity(request.leases.len());
         for (index, lease) in request.leases.iter().enumerate() {
-            let extend_by = lease.extend_by.as_ref().ok_or_else(|| {
-                Error::invalid(format!("leases[{index}].extend_by"), "is required")
-            })?;
+            let extend_by = lease
+                .extend_by
+                .as_ref()
+                .ok_or_else(|| Error::invalid(format!("leases[{index}].extend_by"), "is required"))?;
             items.push(ExtendItem {
                 job_id: validate::job_id(&format!("leases[{index}].job_id"), &lease.job_id)?,
-                lease_token: validate::lease_token(
-                    &format!("leases[{index}].lease_token"),
-                    &lease.lease_token,
-                )?,
+                lease_token: validate::lease_token(&format!("leases[{index}].lease_token"), &lease.lease_token)?,
                 extend_by: validate::duration_in(
                     &format!("leases[{index}].extend_by"),
                     extend_by,
@@ -391,12 +331,7 @@ impl Broker for BrokerService {
                 )?,
             });
         }
-        let results = self
-            .shared
-            .store
-            .jobs_extend_many(&items)
-            .await
-            .map_err(Error::from)?;
+        let results = self.shared.store.jobs_extend_many(&items).await.map_err(Error::from)?;
         Ok(Response::new(v1::ExtendLeaseResponse {
             leases: request
                 .leases
@@ -411,10 +346,7 @@ impl Broker for BrokerService {
         }))
     }
 
-    async fn get_job(
-        &self,
-        request: Request<v1::GetJobRequest>,
-    ) -> Result<Response<v1::Job>, Status> {
+    async fn get_job(&self, request: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
         let job_id = validate::job_id("job_id", &request.get_ref().job_id)?;
         let job = self
             .shared
@@ -428,10 +360,7 @@ impl Broker for BrokerService {
 
     type WatchJobStream = ResponseStream<v1::Job>;
 
-    async fn watch_job(
-        &self,
-        request: Request<v1::WatchJobRequest>,
-    ) -> Result<Response<Self::WatchJobStream>, Status> {
+    async fn watch_job(&self, request: Request<v1::WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
         let job_id = validate::job_id("job_id", &request.get_ref().job_id)?;
         let first = self
             .shared
@@ -440,11 +369,7 @@ impl Broker for BrokerService {
             .await
             .map_err(Error::from)?
             .ok_or_else(|| Error::NotFound(format!("job {job_id} not found")))?;
-        Ok(Response::new(Box::pin(watch(
-            self.shared.clone(),
-            job_id,
-            first,
-        ))))
+        Ok(Response::new(Box::pin(watch(self.shared.clone(), job_id, first))))
     }
 
     async fn cancel_job(
@@ -452,13 +377,7 @@ impl Broker for BrokerService {
         request: Request<v1::CancelJobRequest>,
     ) -> Result<Response<v1::CancelJobResponse>, Status> {
         let job_id = validate::job_id("job_id", &request.get_ref().job_id)?;
-        match self
-            .shared
-            .store
-            .job_cancel(job_id)
-            .await
-            .map_err(Error::from)?
-        {
+        match self.shared.store.job_cancel(job_id).await.map_err(Error::from)? {
             CancelResult::Cancelled { job, held_lease } => {
                 if let Some(lease_token) = held_lease
                     && !self.shared.dispatcher.lease_cancelled(job_id, lease_token)
@@ -470,22 +389,13 @@ impl Broker for BrokerService {
                 }
                 self.shared.dispatcher.publish_changes([job_id]);
                 tracing::info!(job_id, "job cancelled");
-                Ok(Response::new(v1::CancelJobResponse {
-                    job: Some(convert::job(&job)),
-                }))
+                Ok(Response::new(v1::CancelJobResponse { job: Some(convert::job(&job)) }))
             }
             CancelResult::AlreadyTerminal(job) => {
-                let state = v1::JobState::try_from(i32::from(job.state))
-                    .unwrap_or(v1::JobState::Unspecified);
-                Err(Error::FailedPrecondition(format!(
-                    "job {job_id} is already {}",
-                    state.as_str_name()
-                ))
-                .into())
+                let state = v1::JobState::try_from(i32::from(job.state)).unwrap_or(v1::JobState::Unspecified);
+                Err(Error::FailedPrecondition(format!("job {job_id} is already {}", state.as_str_name())).into())
             }
-            CancelResult::NotFound => {
-                Err(Error::NotFound(format!("job {job_id} not found")).into())
-            }
+            CancelResult::NotFound => Err(Error::NotFound(format!("job {job_id} not found")).into()),
         }
     }
 }
@@ -504,11 +414,8 @@ impl WatchState {
     /// scheduled time, or the poll interval (for changes on other replicas).
     fn wait(&self) -> Duration {
         let mut wait = self.shared.watch_poll_interval;
-        let scheduled_run_at = self
-            .last
-            .as_ref()
-            .filter(|job| job.state == v1::JobState::Scheduled as i32)
-            .and_then(|job| job.run_at);
+        let scheduled_run_at =
+            self.last.as_ref().filter(|job| job.state == v1::JobState::Scheduled as i32).and_then(|job| job.run_at);
         if let Some(run_at) = scheduled_run_at {
             let now = workbroker_api::time::timestamp_now();
             let until_micros = workbroker_api::time::timestamp_to_unix_micros(&run_at).unwrap_or(0)
@@ -546,11 +453,7 @@ impl WatchState {
                 Ok(Some(record)) => self.next = Some(record),
                 Ok(None) => {
                     self.done = true;
-                    return Some(Err(Error::NotFound(format!(
-                        "job {} was pruned",
-                        self.job_id
-                    ))
-                    .into()));
+                    return Some(Err(Error::NotFound(format!("job {} was pruned", self.job_id)).into()));
                 }
                 Err(error) => {
                     self.done = true;
@@ -562,20 +465,9 @@ impl WatchState {
 }
 
 /// The job's current state, then every change, until a terminal state.
-fn watch(
-    shared: Arc<Shared>,
-    job_id: i64,
-    first: store::JobRecord,
-) -> impl Stream<Item = Result<v1::Job, Status>> {
+fn watch(shared: Arc<Shared>, job_id: i64, first: store::JobRecord) -> impl Stream<Item = Result<v1::Job, Status>> {
     let changes = shared.dispatcher.subscribe_changes();
-    let state = WatchState {
-        shared,
-        job_id,
-        changes,
-        next: Some(first),
-        last: None,
-        done: false,
-    };
+    let state = WatchState { shared, job_id, changes, next: Some(first), last: None, done: false };
     futures::stream::unfold(state, |mut state| async move {
         let item = state.next_item().await?;
         Some((item, state))

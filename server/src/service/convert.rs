@@ -63,10 +63,7 @@ pub fn job(record: &JobRecord) -> v1::Job {
 pub fn leased_job(record: &JobRecord) -> v1::LeasedJob {
     v1::LeasedJob {
         job: Some(job(record)),
-        lease_token: record
-            .lease_token
-            .map(|token| token.to_string())
-            .unwrap_or_default(),
+        lease_token: record.lease_token.map(|token| token.to_string()).unwrap_or_default(),
         lease_expires_at: record.lease_expires_at.map(timestamp),
         attempt: u32::try_from(record.attempt).unwrap_or(0),
     }

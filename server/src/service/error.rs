@@ -27,10 +27,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn invalid(field: impl Into<String>, reason: impl std::fmt::Display) -> Self {
-        Error::Invalid {
-            field: field.into(),
-            reason: reason.to_string(),
-        }
+        Error::Invalid { field: field.into(), reason: reason.to_string() }
     }
 }
 
@@ -55,9 +52,7 @@ impl From<Error> for Status {
             Error::ResourceExhausted(message) => Status::resource_exhausted(message),
             Error::Store(error) => store_status(&error),
             Error::Submit(SubmitError::Store(error)) => store_status(&error),
-            Error::Submit(SubmitError::ShuttingDown) => {
-                Status::unavailable("the broker is shutting down")
-            }
+            Error::Submit(SubmitError::ShuttingDown) => Status::unavailable("the broker is shutting down"),
         }
     }
 }

@@ -19,13 +19,12 @@ use tokio_util::task::TaskTracker;
 pub use admin::AdminService;
 pub use broker::BrokerService;
 
-use crate::coordination::SingleNode;
+use crate::coordination::ClusterView;
 use crate::dispatch::Dispatcher;
 use crate::dispatch::batcher::{Batcher, BatcherLimits, batcher};
 use crate::dispatch::listener::settled_payloads;
 use crate::store::{
-    AckItem, EnqueuedRecord, HeldLease, LEASES_CHANNEL, NackItem, NackResult, NewJobRecord,
-    SettleOutcome, Store,
+    AckItem, EnqueuedRecord, HeldLease, LEASES_CHANNEL, NackItem, NackResult, NewJobRecord, SettleOutcome, Store,
 };
 
 /// The group-commit batchers of the hot path.
@@ -49,11 +48,7 @@ pub struct BatcherSettings {
 
 impl Default for BatcherSettings {
     fn default() -> Self {
-        Self {
-            max_enqueue_batch: 5_000,
-            max_settle_batch: 2_000,
-            max_concurrent_flushes: 4,
-        }
+        Self { max_enqueue_batch: 5_000, max_settle_batch: 2_000, max_concurrent_flushes: 4 }
     }
 }
 
@@ -89,10 +84,7 @@ impl Batchers {
                     let sizes: Vec<usize> = requests.iter().map(Vec::len).collect();
                     let jobs: Vec<NewJobRecord> = requests.into_iter().flatten().collect();
                     let mut enqueued = store.jobs_enqueue_many(&jobs).await?.into_iter();
-                    Ok(sizes
-                        .into_iter()
-                        .map(|size| enqueued.by_ref().take(size).collect())
-                        .collect())
+                    Ok(sizes.into_iter().map(|size| enqueued.by_ref().take(size).collect()).collect())
                 }
             },
         );
@@ -110,10 +102,7 @@ impl Batchers {
                     let outcomes = store.jobs_ack_many(&items).await?;
                     let leases: Vec<HeldLease> = items
                         .iter()
-                        .map(|item| HeldLease {
-                            job_id: item.job_id,
-                            lease_token: item.lease_token,
-                        })
+                        .map(|item| HeldLease { job_id: item.job_id, lease_token: item.lease_token })
                         .collect();
                     settle(&store, &dispatcher, &leases).await;
                     Ok(outcomes)
@@ -134,10 +123,7 @@ impl Batchers {
                     let results = store.jobs_nack_many(&items).await?;
                     let leases: Vec<HeldLease> = items
                         .iter()
-                        .map(|item| HeldLease {
-                            job_id: item.job_id,
-                            lease_token: item.lease_token,
-                        })
+                        .map(|item| HeldLease { job_id: item.job_id, lease_token: item.lease_token })
                         .collect();
                     settle(&store, &dispatcher, &leases).await;
                     Ok(results)
@@ -170,7 +156,7 @@ pub struct Shared {
     pub dispatcher: Arc<Dispatcher>,
     pub batchers: Batchers,
     pub limits: validate::Limits,
-    pub cluster: SingleNode,
+    pub cluster: Arc<ClusterView>,
     /// How often WatchJob re-reads a job changed by another replica.
     pub watch_poll_interval: Duration,
 }

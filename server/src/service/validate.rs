@@ -65,46 +65,29 @@ pub fn lease_token(field: &str, value: &str) -> Result<Uuid> {
     Uuid::parse_str(value).map_err(|_| Error::invalid(field, "is not a lease token of this broker"))
 }
 
-pub fn duration_in(
-    field: &str,
-    value: &prost_types::Duration,
-    min: Duration,
-    max: Duration,
-) -> Result<Duration> {
+pub fn duration_in(field: &str, value: &prost_types::Duration, min: Duration, max: Duration) -> Result<Duration> {
     let duration = duration_from_proto(value).map_err(|error| Error::invalid(field, error))?;
     if duration < min || duration > max {
-        return Err(Error::invalid(
-            field,
-            format!("must be between {min:?} and {max:?}"),
-        ));
+        return Err(Error::invalid(field, format!("must be between {min:?} and {max:?}")));
     }
     Ok(duration)
 }
 
 fn key(field: &str, value: &str) -> Result<Option<String>> {
     if value.len() > MAX_KEY_BYTES {
-        return Err(Error::invalid(
-            field,
-            format!("must be at most {MAX_KEY_BYTES} bytes"),
-        ));
+        return Err(Error::invalid(field, format!("must be at most {MAX_KEY_BYTES} bytes")));
     }
     Ok((!value.is_empty()).then(|| value.to_owned()))
 }
 
 fn attributes(field: &str, attributes: &HashMap<String, String>) -> Result<String> {
     if attributes.len() > MAX_ATTRIBUTES {
-        return Err(Error::invalid(
-            field,
-            format!("must have at most {MAX_ATTRIBUTES} entries"),
-        ));
+        return Err(Error::invalid(field, format!("must have at most {MAX_ATTRIBUTES} entries")));
     }
     let mut total = 0;
     for (key, value) in attributes {
         if key.is_empty() || key.len() > MAX_ATTRIBUTE_KEY_BYTES {
-            return Err(Error::invalid(
-                field,
-                format!("keys must be 1 to {MAX_ATTRIBUTE_KEY_BYTES} bytes"),
-            ));
+            return Err(Error::invalid(field, format!("keys must be 1 to {MAX_ATTRIBUTE_KEY_BYTES} bytes")));
         }
         if key.contains('\0') || value.contains('\0') {
             return Err(Error::invalid(field, "must not contain NUL characters"));
@@ -112,32 +95,19 @@ fn attributes(field: &str, attributes: &HashMap<String, String>) -> Result<Strin
         total += key.len() + value.len();
     }
     if total > MAX_ATTRIBUTES_BYTES {
-        return Err(Error::invalid(
-            field,
-            format!("keys and values must total at most {MAX_ATTRIBUTES_BYTES} bytes"),
-        ));
+        return Err(Error::invalid(field, format!("keys and values must total at most {MAX_ATTRIBUTES_BYTES} bytes")));
     }
-    let object: serde_json::Map<String, serde_json::Value> = attributes
-        .iter()
-        .map(|(key, value)| (key.clone(), serde_json::Value::String(value.clone())))
-        .collect();
+    let object: serde_json::Map<String, serde_json::Value> =
+        attributes.iter().map(|(key, value)| (key.clone(), serde_json::Value::String(value.clone()))).collect();
     Ok(serde_json::Value::Object(object).to_string())
 }
 
 /// Checks an Enqueue request and turns it into records.
 pub fn enqueue(request: &v1::EnqueueRequest, limits: Limits) -> Result<Vec<NewJobRecord>> {
     if request.jobs.is_empty() || request.jobs.len() > MAX_JOBS_PER_ENQUEUE {
-        return Err(Error::invalid(
-            "jobs",
-            format!("must have 1 to {MAX_JOBS_PER_ENQUEUE} jobs"),
-        ));
+        return Err(Error::invalid("jobs", format!("must have 1 to {MAX_JOBS_PER_ENQUEUE} jobs")));
     }
-    request
-        .jobs
-        .iter()
-        .enumerate()
-        .map(|(index, job)| new_job(&format!("jobs[{index}]"), job, limits))
-        .collect()
+    request.jobs.iter().enumerate().map(|(index, job)| new_job(&format!("jobs[{index}]"), job, limits)).collect()
 }
 
 fn new_job(prefix: &str, job: &v1::NewJob, limits: Limits) -> Result<NewJobRecord> {
@@ -146,19 +116,12 @@ fn new_job(prefix: &str, job: &v1::NewJob, limits: Limits) -> Result<NewJobRecor
     if job.payload.len() > limits.max_payload_bytes {
         return Err(Error::invalid(
             format!("{prefix}.payload"),
-            format!(
-                "is {} bytes; the limit is {}",
-                job.payload.len(),
-                limits.max_payload_bytes
-            ),
+            format!("is {} bytes; the limit is {}", job.payload.len(), limits.max_payload_bytes),
         ));
     }
     let run_at = match (&job.run_at, &job.delay) {
         (Some(_), Some(_)) => {
-            return Err(Error::invalid(
-                format!("{prefix}.run_at"),
-                "and delay are mutually exclusive",
-            ));
+            return Err(Error::invalid(format!("{prefix}.run_at"), "and delay are mutually exclusive"));
         }
         (Some(timestamp), None) => {
             let unix_micros = timestamp_to_unix_micros(timestamp)
@@ -166,35 +129,20 @@ fn new_job(prefix: &str, job: &v1::NewJob, limits: Limits) -> Result<NewJobRecor
                 .ok_or_else(|| Error::invalid(format!("{prefix}.run_at"), "is not a valid time"))?;
             RunAt::At { unix_micros }
         }
-        (None, Some(delay)) => RunAt::After(duration_in(
-            &format!("{prefix}.delay"),
-            delay,
-            Duration::ZERO,
-            MAX_DELAY,
-        )?),
+        (None, Some(delay)) => RunAt::After(duration_in(&format!("{prefix}.delay"), delay, Duration::ZERO, MAX_DELAY)?),
         (None, None) => RunAt::Now,
     };
     let max_attempts = match job.max_attempts {
         0 => None,
         1..=1000 => Some(i32::try_from(job.max_attempts).unwrap_or(1000)),
         _ => {
-            return Err(Error::invalid(
-                format!("{prefix}.max_attempts"),
-                "must be 0 (queue default) to 1000",
-            ));
+            return Err(Error::invalid(format!("{prefix}.max_attempts"), "must be 0 (queue default) to 1000"));
         }
     };
     let lease_duration = job
         .lease_duration
         .as_ref()
-        .map(|lease| {
-            duration_in(
-                &format!("{prefix}.lease_duration"),
-                lease,
-                MIN_LEASE,
-                MAX_LEASE,
-            )
-        })
+        .map(|lease| duration_in(&format!("{prefix}.lease_duration"), lease, MIN_LEASE, MAX_LEASE))
         .transpose()?;
     Ok(NewJobRecord {
         queue: job.queue.clone(),
@@ -222,34 +170,22 @@ pub struct OpenLease {
 
 pub fn open_lease(open: &v1::OpenLease) -> Result<OpenLease> {
     if open.worker_id.is_empty() || open.worker_id.chars().count() > MAX_WORKER_ID_CHARS {
-        return Err(Error::invalid(
-            "open.worker_id",
-            format!("must be 1 to {MAX_WORKER_ID_CHARS} characters"),
-        ));
+        return Err(Error::invalid("open.worker_id", format!("must be 1 to {MAX_WORKER_ID_CHARS} characters")));
     }
     if open.queues.is_empty() || open.queues.len() > MAX_STREAM_FILTERS {
-        return Err(Error::invalid(
-            "open.queues",
-            format!("must name 1 to {MAX_STREAM_FILTERS} queues"),
-        ));
+        return Err(Error::invalid("open.queues", format!("must name 1 to {MAX_STREAM_FILTERS} queues")));
     }
     for (index, queue) in open.queues.iter().enumerate() {
         name(&format!("open.queues[{index}]"), queue)?;
     }
     if open.kinds.len() > MAX_STREAM_FILTERS {
-        return Err(Error::invalid(
-            "open.kinds",
-            format!("must name at most {MAX_STREAM_FILTERS} kinds"),
-        ));
+        return Err(Error::invalid("open.kinds", format!("must name at most {MAX_STREAM_FILTERS} kinds")));
     }
     for (index, kind) in open.kinds.iter().enumerate() {
         name(&format!("open.kinds[{index}]"), kind)?;
     }
     if open.max_in_flight == 0 || open.max_in_flight > MAX_WINDOW_STEP {
-        return Err(Error::invalid(
-            "open.max_in_flight",
-            format!("must be 1 to {MAX_WINDOW_STEP}"),
-        ));
+        return Err(Error::invalid("open.max_in_flight", format!("must be 1 to {MAX_WINDOW_STEP}")));
     }
     let lease_duration = open
         .lease_duration
@@ -273,10 +209,7 @@ pub fn open_lease(open: &v1::OpenLease) -> Result<OpenLease> {
 
 pub fn credit(credit: &v1::Credit) -> Result<u32> {
     if credit.count == 0 || credit.count > MAX_WINDOW_STEP {
-        return Err(Error::invalid(
-            "credit.count",
-            format!("must be 1 to {MAX_WINDOW_STEP}"),
-        ));
+        return Err(Error::invalid("credit.count", format!("must be 1 to {MAX_WINDOW_STEP}")));
     }
     Ok(credit.count)
 }
@@ -297,16 +230,10 @@ pub fn truncate_error(error: &str) -> String {
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits {
-        max_payload_bytes: 1024,
-    };
+    const LIMITS: Limits = Limits { max_payload_bytes: 1024 };
 
     fn job() -> v1::NewJob {
-        v1::NewJob {
-            queue: "q".into(),
-            kind: "k".into(),
-            ..Default::default()
-        }
+        v1::NewJob { queue: "q".into(), kind: "k".into(), ..Default::default() }
     }
 
     fn field_of(result: Result<Vec<NewJobRecord>>) -> String {
@@ -320,69 +247,35 @@ mod tests {
     fn enqueue_names_the_field_at_fault() {
         let mut bad_kind = job();
         bad_kind.kind = "has space".into();
-        let request = v1::EnqueueRequest {
-            jobs: vec![job(), bad_kind],
-        };
+        let request = v1::EnqueueRequest { jobs: vec![job(), bad_kind] };
         assert_eq!(field_of(enqueue(&request, LIMITS)), "jobs[1].kind");
 
         let mut big = job();
         big.payload = vec![0; 1025];
-        assert_eq!(
-            field_of(enqueue(&v1::EnqueueRequest { jobs: vec![big] }, LIMITS)),
-            "jobs[0].payload"
-        );
+        assert_eq!(field_of(enqueue(&v1::EnqueueRequest { jobs: vec![big] }, LIMITS)), "jobs[0].payload");
 
         let mut both = job();
-        both.run_at = Some(prost_types::Timestamp {
-            seconds: 1,
-            nanos: 0,
-        });
-        both.delay = Some(prost_types::Duration {
-            seconds: 1,
-            nanos: 0,
-        });
-        assert_eq!(
-            field_of(enqueue(&v1::EnqueueRequest { jobs: vec![both] }, LIMITS)),
-            "jobs[0].run_at"
-        );
+        both.run_at = Some(prost_types::Timestamp { seconds: 1, nanos: 0 });
+        both.delay = Some(prost_types::Duration { seconds: 1, nanos: 0 });
+        assert_eq!(field_of(enqueue(&v1::EnqueueRequest { jobs: vec![both] }, LIMITS)), "jobs[0].run_at");
 
         let mut negative = job();
-        negative.delay = Some(prost_types::Duration {
-            seconds: -1,
-            nanos: 0,
-        });
-        assert_eq!(
-            field_of(enqueue(
-                &v1::EnqueueRequest {
-                    jobs: vec![negative]
-                },
-                LIMITS
-            )),
-            "jobs[0].delay"
-        );
+        negative.delay = Some(prost_types::Duration { seconds: -1, nanos: 0 });
+        assert_eq!(field_of(enqueue(&v1::EnqueueRequest { jobs: vec![negative] }, LIMITS)), "jobs[0].delay");
 
-        assert_eq!(
-            field_of(enqueue(&v1::EnqueueRequest { jobs: vec![] }, LIMITS)),
-            "jobs"
-        );
-        let too_many = v1::EnqueueRequest {
-            jobs: vec![job(); MAX_JOBS_PER_ENQUEUE + 1],
-        };
+        assert_eq!(field_of(enqueue(&v1::EnqueueRequest { jobs: vec![] }, LIMITS)), "jobs");
+        let too_many = v1::EnqueueRequest { jobs: vec![job(); MAX_JOBS_PER_ENQUEUE + 1] };
         assert_eq!(field_of(enqueue(&too_many, LIMITS)), "jobs");
     }
 
     #[test]
     fn enqueue_accepts_a_full_job() {
         let mut full = job();
-        full.attributes
-            .insert("traceparent".into(), "00-abc-def-01".into());
+        full.attributes.insert("traceparent".into(), "00-abc-def-01".into());
         full.ordering_key = "crate:serde".into();
         full.dedup_key = "publish:serde:1.0.0".into();
         full.max_attempts = 3;
-        full.delay = Some(prost_types::Duration {
-            seconds: 5,
-            nanos: 0,
-        });
+        full.delay = Some(prost_types::Duration { seconds: 5, nanos: 0 });
         let records = enqueue(&v1::EnqueueRequest { jobs: vec![full] }, LIMITS).expect("valid");
         assert_eq!(records[0].max_attempts, Some(3));
         assert_eq!(records[0].run_at, RunAt::After(Duration::from_secs(5)));

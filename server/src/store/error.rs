@@ -43,9 +43,7 @@ fn convert_sqlx_error(error: sqlx::Error) -> Error {
             let code = database_error.code().unwrap_or_default();
             match code.as_ref() {
                 // serialization_failure, deadlock_detected, unique_violation, lock_not_available
-                "40001" | "40P01" | "23505" | "55P03" => {
-                    Error::Conflict(database_error.message().to_owned())
-                }
+                "40001" | "40P01" | "23505" | "55P03" => Error::Conflict(database_error.message().to_owned()),
                 // check_violation, numeric_value_out_of_range, invalid_datetime_format,
                 // datetime_field_overflow, string_data_right_truncation, invalid_text_representation
                 "23514" | "22003" | "22007" | "22008" | "22001" | "22P02" => {
@@ -53,9 +51,7 @@ fn convert_sqlx_error(error: sqlx::Error) -> Error {
                 }
                 // admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections,
                 // and the whole connection_exception class
-                code if code.starts_with("08")
-                    || matches!(code, "57P01" | "57P02" | "57P03" | "53300") =>
-                {
+                code if code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300") => {
                     Error::Unavailable(database_error.message().to_owned())
                 }
                 _ => Error::Database(error),

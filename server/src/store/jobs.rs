@@ -8,9 +8,8 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{
-    AckItem, CancelResult, EnqueuedRecord, Error, ExtendItem, ExtendResult, HeldLease, JobRecord,
-    LeaseParams, ListParams, NackItem, NackResult, NewJobRecord, Result, ReturnedLeases, RunAt,
-    SettleOutcome, Store,
+    AckItem, CancelResult, EnqueuedRecord, Error, ExtendItem, ExtendResult, HeldLease, JobRecord, LeaseParams,
+    ListParams, NackItem, NackResult, NewJobRecord, Result, ReturnedLeases, RunAt, SettleOutcome, Store,
 };
 
 /// Columns of a job read from the `all_jobs` view (public state included).
@@ -43,10 +42,16 @@ macro_rules! insert_finished {
              created_at, attempt, max_attempts, ordering_key, dedup_key, shard, lease_duration, \
              lease_token, lease_expires_at, leased_by, leased_at, last_error, payload, attributes, \
              finished_at, result) \
-             SELECT id, queue, kind, ", $state, ", priority, sequence, run_at, created_at, attempt, \
+             SELECT id, queue, kind, ",
+            $state,
+            ", priority, sequence, run_at, created_at, attempt, \
              max_attempts, ordering_key, dedup_key, shard, lease_duration, lease_token, \
-             lease_expires_at, leased_by, leased_at, ", $last_error, ", payload, attributes, now(), ",
-            $result, " FROM ", $source
+             lease_expires_at, leased_by, leased_at, ",
+            $last_error,
+            ", payload, attributes, now(), ",
+            $result,
+            " FROM ",
+            $source
         )
     };
 }
@@ -58,7 +63,9 @@ macro_rules! insert_finished {
 macro_rules! return_leases {
     ($targets:literal) => {
         concat!(
-            "WITH targets AS (", $targets, "), \
+            "WITH targets AS (",
+            $targets,
+            "), \
              eligible AS ( \
                  SELECT j.id, t.token, j.attempt >= j.max_attempts AS to_dead \
                    FROM targets t JOIN workbroker.jobs j \
@@ -74,7 +81,9 @@ macro_rules! return_leases {
                  DELETE FROM workbroker.jobs j USING eligible e \
                   WHERE j.id = e.id AND e.to_dead AND j.lease_token = e.token AND j.state = 3 \
                  RETURNING j.*), \
-             dead AS (", insert_finished!("killed", "5", "$2", "NULL"), " RETURNING queue), \
+             dead AS (",
+            insert_finished!("killed", "5", "$2", "NULL"),
+            " RETURNING queue), \
              notified AS ( \
                  SELECT pg_notify('workbroker_jobs', queue) FROM (SELECT DISTINCT queue FROM requeued) q) \
              SELECT (SELECT count(*) FROM requeued) AS requeued, \
@@ -148,10 +157,7 @@ impl Store {
                 continue;
             }
             let Some(next) = next_sequence.get_mut(&job.queue) else {
-                return Err(Error::Conflict(format!(
-                    "queue {} vanished during enqueue",
-                    job.queue
-                )));
+                return Err(Error::Conflict(format!("queue {} vanished during enqueue", job.queue)));
             };
             pending.push((index, *next));
             *next += 1;
@@ -168,11 +174,7 @@ impl Store {
             for (index, sequence) in pending.drain(..) {
                 match inserted.get(&(jobs[index].queue.clone(), sequence)) {
                     Some(job_id) => {
-                        results[index] = Some(EnqueuedRecord {
-                            job_id: *job_id,
-                            sequence,
-                            deduplicated: false,
-                        })
+                        results[index] = Some(EnqueuedRecord { job_id: *job_id, sequence, deduplicated: false })
                     }
                     None => conflicted.push((index, sequence)),
                 }
@@ -180,14 +182,9 @@ impl Store {
             if conflicted.is_empty() {
                 break;
             }
-            let queues: Vec<&str> = conflicted
-                .iter()
-                .map(|(index, _)| jobs[*index].queue.as_str())
-                .collect();
-            let keys: Vec<&str> = conflicted
-                .iter()
-                .map(|(index, _)| jobs[*index].dedup_key.as_deref().unwrap_or_default())
-                .collect();
+            let queues: Vec<&str> = conflicted.iter().map(|(index, _)| jobs[*index].queue.as_str()).collect();
+            let keys: Vec<&str> =
+                conflicted.iter().map(|(index, _)| jobs[*index].dedup_key.as_deref().unwrap_or_default()).collect();
             let existing: Vec<(String, String, i64, i64)> = sqlx::query_as(
                 "SELECT j.queue, j.dedup_key, j.id, j.sequence FROM workbroker.jobs j \
                  JOIN unnest($1::text[], $2::text[]) AS i(queue, dedup_key) \
@@ -197,29 +194,22 @@ impl Store {
             .bind(&keys)
             .fetch_all(&mut *transaction)
             .await?;
-            let existing: HashMap<(String, String), (i64, i64)> = existing
-                .into_iter()
-                .map(|(queue, key, id, sequence)| ((queue, key), (id, sequence)))
-                .collect();
+            let existing: HashMap<(String, String), (i64, i64)> =
+                existing.into_iter().map(|(queue, key, id, sequence)| ((queue, key), (id, sequence))).collect();
             for (index, sequence) in conflicted {
                 let job = &jobs[index];
                 let key = (job.queue.clone(), job.dedup_key.clone().unwrap_or_default());
                 match existing.get(&key) {
                     Some((job_id, existing_sequence)) => {
-                        results[index] = Some(EnqueuedRecord {
-                            job_id: *job_id,
-                            sequence: *existing_sequence,
-                            deduplicated: true,
-                        })
+                        results[index] =
+                            Some(EnqueuedRecord { job_id: *job_id, sequence: *existing_sequence, deduplicated: true })
                     }
                     None => pending.push((index, sequence)),
                 }
             }
         }
         if !pending.is_empty() {
-            return Err(Error::Conflict(
-                "dedup key kept changing hands during enqueue".to_owned(),
-            ));
+            return Err(Error::Conflict("dedup key kept changing hands during enqueue".to_owned()));
         }
 
         sqlx::query("SELECT pg_notify('workbroker_jobs', name) FROM unnest($1::text[]) AS name")
@@ -231,10 +221,7 @@ impl Store {
         let mut output = Vec::with_capacity(jobs.len());
         for (index, earlier) in duplicate_of.iter().enumerate() {
             let record = match earlier {
-                Some(first) => results[*first].map(|first| EnqueuedRecord {
-                    deduplicated: true,
-                    ..first
-                }),
+                Some(first) => results[*first].map(|first| EnqueuedRecord { deduplicated: true, ..first }),
                 None => results[index],
             };
             let Some(record) = record else {
@@ -327,10 +314,7 @@ impl Store {
         .bind(&attributes)
         .fetch_all(&mut **transaction)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(queue, sequence, id)| ((queue, sequence), id))
-            .collect())
+        Ok(rows.into_iter().map(|(queue, sequence, id)| ((queue, sequence), id)).collect())
     }
 
     /// Leases up to `limit` available jobs of the given queues (and kinds),
@@ -349,6 +333,7 @@ impl Store {
                        SELECT j.id, j.priority, j.run_at FROM workbroker.jobs j \
                         WHERE j.queue = q.name AND j.state = 2 AND j.run_at <= now() \
                           AND (cardinality($2::text[]) = 0 OR j.kind = ANY($2::text[])) \
+                          AND ($6::integer[] IS NULL OR j.shard = ANY($6::integer[])) \
                           AND (j.ordering_key IS NULL OR NOT EXISTS ( \
                                 SELECT 1 FROM workbroker.jobs earlier \
                                  WHERE earlier.queue = j.queue AND earlier.ordering_key = j.ordering_key \
@@ -367,13 +352,16 @@ impl Store {
                    FROM picked p \
                   WHERE j.id = p.id \
                  RETURNING j.*) \
-             SELECT ", hot_job_fields!(), " FROM leased j ORDER BY j.priority DESC, j.run_at, j.id"
+             SELECT ",
+            hot_job_fields!(),
+            " FROM leased j ORDER BY j.priority DESC, j.run_at, j.id"
         ))
         .bind(params.queues)
         .bind(params.kinds)
         .bind(i64::from(params.limit))
         .bind(params.lease_duration.map(micros))
         .bind(params.worker_id)
+        .bind(params.shards)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows)
@@ -381,11 +369,7 @@ impl Store {
 
     /// Time until the next waiting job of these queues (and kinds) becomes
     /// due, or `None` when nothing is scheduled.
-    pub async fn jobs_next_due(
-        &self,
-        queues: &[String],
-        kinds: &[String],
-    ) -> Result<Option<Duration>> {
+    pub async fn jobs_next_due(&self, queues: &[String], kinds: &[String]) -> Result<Option<Duration>> {
         let micros_until: Option<i64> = sqlx::query_scalar(
             "SELECT (extract(epoch FROM min(j.run_at) - now()) * 1e6)::bigint \
                FROM workbroker.jobs j \
@@ -413,7 +397,8 @@ impl Store {
                  DELETE FROM workbroker.jobs j USING input i \
                   WHERE j.id = i.id AND j.lease_token = i.token AND j.state = 3 \
                  RETURNING j.*, i.result AS ack_result), \
-             moved AS (", insert_finished!("done", "4", "last_error", "nullif(ack_result, ''::bytea)"),
+             moved AS (",
+            insert_finished!("done", "4", "last_error", "nullif(ack_result, ''::bytea)"),
             " RETURNING id, lease_token) \
              SELECT CASE \
                  WHEN EXISTS (SELECT 1 FROM moved m WHERE m.id = i.id AND m.lease_token = i.token) THEN 1 \
@@ -438,10 +423,7 @@ impl Store {
         let ids: Vec<i64> = items.iter().map(|item| item.job_id).collect();
         let tokens: Vec<Uuid> = items.iter().map(|item| item.lease_token).collect();
         let errors: Vec<&str> = items.iter().map(|item| item.error.as_str()).collect();
-        let retry_after: Vec<Option<i64>> = items
-            .iter()
-            .map(|item| item.retry_after.map(micros))
-            .collect();
+        let retry_after: Vec<Option<i64>> = items.iter().map(|item| item.retry_after.map(micros)).collect();
         let permanent: Vec<bool> = items.iter().map(|item| item.permanent).collect();
         let rows: Vec<(i16, i16)> = sqlx::query_as(concat!(
             "WITH input AS ( \
@@ -468,7 +450,9 @@ impl Store {
                  DELETE FROM workbroker.jobs j USING target t \
                   WHERE j.id = t.id AND t.to_dead AND j.lease_token = t.token AND j.state = 3 \
                  RETURNING j.*, t.error AS nack_error), \
-             dead AS (", insert_finished!("killed", "5", "nack_error", "NULL"), " RETURNING id, lease_token), \
+             dead AS (",
+            insert_finished!("killed", "5", "nack_error", "NULL"),
+            " RETURNING id, lease_token), \
              notified AS ( \
                  SELECT pg_notify('workbroker_jobs', queue) FROM (SELECT DISTINCT queue FROM retried) r) \
              SELECT CASE \
@@ -532,20 +516,13 @@ impl Store {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(outcome, lease_expires_at)| ExtendResult {
-                outcome: settle_outcome(outcome),
-                lease_expires_at,
-            })
+            .map(|(outcome, lease_expires_at)| ExtendResult { outcome: settle_outcome(outcome), lease_expires_at })
             .collect())
     }
 
     /// Hands leases back (their stream ended): each job returns to the queue
     /// at once, or goes DEAD if that lease used its last attempt.
-    pub async fn jobs_release_many(
-        &self,
-        leases: &[HeldLease],
-        reason: &str,
-    ) -> Result<ReturnedLeases> {
+    pub async fn jobs_release_many(&self, leases: &[HeldLease], reason: &str) -> Result<ReturnedLeases> {
         if leases.is_empty() {
             return Ok(ReturnedLeases::default());
         }
@@ -559,10 +536,7 @@ impl Store {
         .bind(&tokens)
         .fetch_one(&self.pool)
         .await?;
-        Ok(ReturnedLeases {
-            requeued: as_count(requeued),
-            dead: as_count(dead),
-        })
+        Ok(ReturnedLeases { requeued: as_count(requeued), dead: as_count(dead) })
     }
 
     /// Returns up to `limit` leases that expired (by the database clock).
@@ -578,10 +552,7 @@ impl Store {
         .bind("lease expired")
         .fetch_one(&self.pool)
         .await?;
-        Ok(ReturnedLeases {
-            requeued: as_count(requeued),
-            dead: as_count(dead),
-        })
+        Ok(ReturnedLeases { requeued: as_count(requeued), dead: as_count(dead) })
     }
 
     /// Deletes up to `limit` COMPLETED and CANCELLED jobs older than their
@@ -680,11 +651,7 @@ impl Store {
 
     /// Sends a notification (outside any transaction).
     pub async fn notify(&self, channel: &str, payload: &str) -> Result<()> {
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(channel)
-            .bind(payload)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query("SELECT pg_notify($1, $2)").bind(channel).bind(payload).execute(&self.pool).await?;
         Ok(())
     }
 }

@@ -80,11 +80,10 @@ impl Store {
 
     /// True when the database answers and every embedded migration is applied.
     pub async fn migrations_current(&self) -> Result<bool> {
-        let applied: Vec<i64> = sqlx::query_scalar(
-            "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let applied: Vec<i64> =
+            sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+                .fetch_all(&self.pool)
+                .await?;
         Ok(MIGRATOR
             .iter()
             .filter(|migration| !migration.migration_type.is_down_migration())
@@ -97,11 +96,27 @@ impl Store {
         Ok(())
     }
 
+    /// Sets the shard count. Allowed only while no job exists (shards of
+    /// existing jobs would no longer match); returns the count in force.
+    pub async fn settings_shard_count_set(&self, shard_count: u32) -> Result<u32> {
+        let count = i32::try_from(shard_count).map_err(|_| Error::Rejected("shard count too large".to_owned()))?;
+        let in_force: i32 = sqlx::query_scalar(
+            "UPDATE workbroker.settings SET shard_count = $1 \
+              WHERE NOT EXISTS (SELECT 1 FROM workbroker.jobs) \
+                AND NOT EXISTS (SELECT 1 FROM workbroker.finished_jobs) \
+             RETURNING shard_count",
+        )
+        .bind(count)
+        .fetch_optional(&self.pool)
+        .await?
+        .unwrap_or(i32::try_from(self.settings_shard_count().await?).unwrap_or(0));
+        Ok(u32::try_from(in_force).unwrap_or(0))
+    }
+
     /// The number of shards jobs are spread over.
     pub async fn settings_shard_count(&self) -> Result<u32> {
-        let count: i32 = sqlx::query_scalar("SELECT shard_count FROM workbroker.settings")
-            .fetch_one(&self.pool)
-            .await?;
+        let count: i32 =
+            sqlx::query_scalar("SELECT shard_count FROM workbroker.settings").fetch_one(&self.pool).await?;
         Ok(u32::try_from(count).unwrap_or(1))
     }
 }
@@ -194,6 +209,8 @@ pub struct LeaseParams<'a> {
     /// `None`: the job's own lease duration, else its queue's.
     pub lease_duration: Option<Duration>,
     pub worker_id: &'a str,
+    /// Only jobs of these shards; `None`: any shard.
+    pub shards: Option<&'a [i32]>,
 }
 
 /// The per-item result of a fenced settle statement.

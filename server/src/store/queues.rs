@@ -137,18 +137,12 @@ impl Store {
     }
 
     /// Changes a queue's settings, creating it if unknown.
-    pub async fn queue_configure(
-        &self,
-        name: &str,
-        patch: &QueueSettingsPatch,
-    ) -> Result<QueueRecord> {
+    pub async fn queue_configure(&self, name: &str, patch: &QueueSettingsPatch) -> Result<QueueRecord> {
         let mut transaction = self.pool.begin().await?;
-        sqlx::query(
-            "INSERT INTO workbroker.queues (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
-        )
-        .bind(name)
-        .execute(&mut *transaction)
-        .await?;
+        sqlx::query("INSERT INTO workbroker.queues (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
+            .bind(name)
+            .execute(&mut *transaction)
+            .await?;
         let row = sqlx::query_as::<_, QueueRow>(concat!(
             "UPDATE workbroker.queues q SET \
                  max_attempts = coalesce($2, q.max_attempts), \
@@ -159,7 +153,8 @@ impl Store {
                  backoff_jitter = coalesce($7, q.backoff_jitter), \
                  completed_retention = coalesce($8 * interval '1 microsecond', q.completed_retention) \
               WHERE q.name = $1 \
-             RETURNING ", queue_fields!()
+             RETURNING ",
+            queue_fields!()
         ))
         .bind(name)
         .bind(patch.max_attempts)

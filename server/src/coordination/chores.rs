@@ -1,0 +1,64 @@
+//! Starts the leader-only chores (reaper, rebalancer) when this replica
+//! becomes a trusted leader and stops them the moment it is not.
+
+use std::sync::Arc;
+
+use etcd_client::Client;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::etcd::EtcdConfig;
+use super::rebalancer::Rebalancer;
+use super::{ClusterView, Leadership};
+use crate::reaper::{Reaper, ReaperConfig};
+use crate::store::Store;
+
+pub struct LeaderChores {
+    view: Arc<ClusterView>,
+    store: Store,
+    reaper: ReaperConfig,
+    /// etcd access for the rebalancer; `None` on a single node (no map to keep).
+    etcd: Option<(Client, EtcdConfig)>,
+}
+
+impl LeaderChores {
+    pub fn new(view: Arc<ClusterView>, store: Store, reaper: ReaperConfig, etcd: Option<(Client, EtcdConfig)>) -> Self {
+        Self { view, store, reaper, etcd }
+    }
+
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut leadership = self.view.subscribe_leadership();
+        loop {
+            let current = leadership.borrow_and_update().clone();
+            let running = if let Leadership::Leader(term) = current {
+                let stop = shutdown.child_token();
+                let tasks = TaskTracker::new();
+                tasks.spawn(
+                    Reaper::new(self.store.clone(), self.reaper).with_leader_term(term.clone()).run(stop.clone()),
+                );
+                if let Some((client, config)) = &self.etcd {
+                    tasks.spawn(
+                        Rebalancer::new(client.clone(), config.clone(), self.view.clone(), term).run(stop.clone()),
+                    );
+                }
+                tasks.close();
+                tracing::info!("leader chores started");
+                Some((stop, tasks))
+            } else {
+                None
+            };
+            let changed = tokio::select! {
+                changed = leadership.changed() => changed.is_ok(),
+                () = shutdown.cancelled() => false,
+            };
+            if let Some((stop, tasks)) = running {
+                stop.cancel();
+                tasks.wait().await;
+                tracing::info!("leader chores stopped");
+            }
+            if !changed {
+                return;
+            }
+        }
+    }
+}
