@@ -4,6 +4,7 @@
 mod bad_input;
 mod cancel_and_watch;
 mod cluster;
+mod discovery;
 mod lease_flow;
 mod ordering;
 mod reaper;
