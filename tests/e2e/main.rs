@@ -8,6 +8,7 @@ mod discovery;
 mod lease_flow;
 mod ordering;
 mod reaper;
+mod resilience;
 mod retries;
 mod sql_enqueue;
 mod watermark;

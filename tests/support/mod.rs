@@ -7,6 +7,7 @@
 
 pub mod etcd;
 pub mod process;
+pub mod proxy;
 
 use std::net::SocketAddr;
 use std::time::Duration;
