@@ -36,9 +36,11 @@
 //!   goes on.
 //! - Graceful drain on shutdown: stop starting jobs, let running handlers
 //!   finish (up to the drain timeout), then fire their tokens and, after the
-//!   abandon grace, abort them; nack for immediate retry what was not started
-//!   or was abandoned; wait for every ack and nack to be answered; close the
-//!   streams.
+//!   abandon grace, abort them and nack them for immediate retry; wait for
+//!   every ack and nack to be answered; then close the streams, which hands
+//!   back what was leased but not started (the broker releases a closed
+//!   stream's leases at once; nacking them instead would free window slots
+//!   the broker would refill with more jobs).
 
 mod context;
 mod extend;
@@ -350,15 +352,15 @@ impl Worker {
             settlers.spawn(settle::Settler::<settle::NackRpc>::new(state.clone(), nack_queue).run(stop.clone()));
             states.push(state);
         }
+        loops.close();
+        settlers.close();
         tracing::info!(worker_id = %self.config.worker_id, queues = ?self.config.queues, kinds = ?self.handlers.keys().collect::<Vec<_>>(), concurrency, endpoints, "worker running");
 
         shutdown.cancelled().await;
         self.drain(&states, &job_tasks, &settlers).await;
         stop_leasing.cancel();
         stop.cancel();
-        loops.close();
         loops.wait().await;
-        settlers.close();
         settlers.wait().await;
         tracing::info!(worker_id = %self.config.worker_id, "worker stopped");
         Ok(())
@@ -384,10 +386,6 @@ impl Worker {
                 tracing::warn!(aborted, "handlers ignored their cancellation; abandoned");
             }
         }
-        let released: usize = states.iter().map(|state| state.release_waiting()).sum();
-        if released > 0 {
-            tracing::info!(released, "handed back jobs that had not started");
-        }
         job_tasks.close();
         // Tasks that were waiting for a permit end at once while draining;
         // aborted handlers end at their next await.
@@ -401,8 +399,17 @@ impl Worker {
             let unanswered: usize = states.iter().map(|state| state.phase_counts().2).sum();
             tracing::warn!(unanswered, "acks and nacks not answered before the flush timeout");
         }
-        // Jobs leased during the drain (the window refilled as acks landed)
-        // are released by the broker when the lease streams close.
+        // Jobs held but never started (leased while draining, as landing
+        // acks refilled the window) are released by the broker when the
+        // lease streams close, right after this: the same as a nack with
+        // retry_after 0, without freeing a slot the broker would refill.
+        let unstarted: usize = states.iter().map(|state| state.phase_counts().0).sum();
+        if unstarted > 0 {
+            tracing::info!(unstarted, "handing back jobs that were not started");
+        }
+        for state in states {
+            state.count_released_at_shutdown();
+        }
     }
 }
 

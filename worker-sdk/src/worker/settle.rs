@@ -130,13 +130,19 @@ impl<K: SettleRpc> Settler<K> {
                 tokio::select! {
                     item = self.queue.recv() => match item {
                         Some(item) => pending.push_back(item),
-                        None => return,
+                        None => {
+                            tracing::debug!(endpoint = self.state.index, rpc = K::NAME, "settle queue closed");
+                            return;
+                        }
                     },
                     () = stop.cancelled() => return,
                 }
             }
             match self.stream_once(&mut pending, &mut queue_closed, &mut backoff, &stop).await {
-                StreamEnd::Done | StreamEnd::Stopped => return,
+                StreamEnd::Done | StreamEnd::Stopped => {
+                    tracing::debug!(endpoint = self.state.index, rpc = K::NAME, "settle stream finished");
+                    return;
+                }
                 StreamEnd::Failed => {}
             }
             let delay = backoff.next_delay();

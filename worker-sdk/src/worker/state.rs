@@ -415,27 +415,10 @@ impl EndpointState {
         aborted
     }
 
-    /// Nacks (retry at once) every job held but not started.
-    pub(crate) fn release_waiting(&self) -> usize {
-        let tokens: Vec<String> = self
-            .lock()
-            .jobs
-            .iter()
-            .filter(|(_, job)| job.phase == Phase::Waiting && job.abort.is_none())
-            .map(|(token, _)| token.clone())
-            .collect();
-        for token in &tokens {
-            Counters::add(&self.counters().released_at_shutdown);
-            self.on_finished(
-                token,
-                Settle::Nack {
-                    error: "not started: the worker is shutting down".to_owned(),
-                    retry_after: Some(Duration::ZERO),
-                    permanent: false,
-                },
-            );
-        }
-        tokens.len()
+    /// Counts the jobs held but not started (handed back by closing the stream).
+    pub(crate) fn count_released_at_shutdown(&self) {
+        let waiting = self.lock().jobs.values().filter(|job| job.phase == Phase::Waiting).count();
+        self.counters().released_at_shutdown.fetch_add(waiting as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Closes the settle queues: the settlers end once all is answered.
