@@ -153,7 +153,7 @@ async fn keep_alive_loop(
         };
         match attempt.await {
             Ok(remaining) if remaining > 0 => {
-                let _ = trusted.send(sent + ttl.saturating_sub(margin));
+                trusted.send_replace(sent + ttl.saturating_sub(margin));
             }
             Ok(_) => {
                 tracing::warn!(lease = id, "etcd says the lease has expired");

@@ -190,7 +190,7 @@ impl ClusterView {
             tracing::info!(generation = shard_map.generation, owned = owned.len(), owners = ?shard_map.owners.iter().map(|(member, shards)| (member.clone(), shards.len())).collect::<Vec<_>>(), "shard map changed");
             let owned: Vec<i32> = owned.into_iter().filter_map(|shard| i32::try_from(shard).ok()).collect();
             let owned = (!shard_map.owners.is_empty()).then(|| Arc::new(owned));
-            let _ = self.owned_shards.send(owned);
+            self.owned_shards.send_replace(owned);
         }
         state.members = members;
         state.leader_id = leader_id;
@@ -209,7 +209,7 @@ impl ClusterView {
     }
 
     pub fn set_leadership(&self, leadership: Leadership) {
-        let _ = self.leadership.send(leadership);
+        self.leadership.send_replace(leadership);
     }
 
     /// True while this replica is a trusted leader.
@@ -277,5 +277,52 @@ impl EtcdCoordination {
         );
         tasks.close();
         tasks.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn member(id: &str) -> MemberInfo {
+        MemberInfo {
+            member_id: id.to_owned(),
+            grpc_address: "127.0.0.1:1".to_owned(),
+            started_at: Utc::now(),
+            version: "test".to_owned(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_term_is_trusted_only_until_its_deadline() {
+        let (deadline, receiver) = watch::channel(Instant::now() + Duration::from_secs(9));
+        let term = LeaderTerm::new(7, b"key".to_vec(), receiver);
+        assert!(term.is_trusted());
+        tokio::time::advance(Duration::from_secs(8)).await;
+        assert!(term.is_trusted());
+        // A successful keep-alive moves the deadline.
+        deadline.send_replace(Instant::now() + Duration::from_secs(9));
+        tokio::time::advance(Duration::from_secs(8)).await;
+        assert!(term.is_trusted());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!term.is_trusted(), "past the deadline the term must not act");
+    }
+
+    #[test]
+    fn a_single_node_leads_itself_and_owns_every_shard() {
+        let view = ClusterView::single_node(member("alone"), 16);
+        assert!(view.is_trusted_leader());
+        let snapshot = view.snapshot();
+        assert_eq!(snapshot.leader_id.as_deref(), Some("alone"));
+        assert_eq!(snapshot.shard_map.shards_of("alone"), (0..16).collect::<Vec<_>>());
+        assert_eq!(view.subscribe_owned_shards().borrow().as_ref().map(|owned| owned.len()), Some(16));
+    }
+
+    #[test]
+    fn a_clustered_view_starts_as_a_follower_without_a_map() {
+        let view = ClusterView::clustered(member("new"), 64);
+        assert!(!view.is_trusted_leader());
+        assert!(view.subscribe_owned_shards().borrow().is_none(), "no map: dispatch from every shard");
     }
 }
