@@ -8,8 +8,7 @@ pub mod v1 {
     tonic::include_proto!("workbroker.v1");
 
     /// Encoded file descriptor set of every workbroker proto, for gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("workbroker_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("workbroker_descriptor");
 }
 
 pub mod jobs {

@@ -36,9 +36,10 @@ pub fn validate_name(name: &str) -> Result<(), NameError> {
     if name.len() > MAX_NAME_LEN {
         return Err(NameError::TooLong);
     }
-    match name.chars().find(|character| {
-        !(character.is_ascii_alphanumeric() || matches!(character, '.' | '_' | ':' | '-'))
-    }) {
+    match name
+        .chars()
+        .find(|character| !(character.is_ascii_alphanumeric() || matches!(character, '.' | '_' | ':' | '-')))
+    {
         Some(bad) => Err(NameError::BadCharacter(bad)),
         None => Ok(()),
     }
@@ -57,10 +58,7 @@ mod tests {
     #[test]
     fn refuses_empty_long_and_foreign_characters() {
         assert_eq!(validate_name(""), Err(NameError::Empty));
-        assert_eq!(
-            validate_name(&"q".repeat(MAX_NAME_LEN + 1)),
-            Err(NameError::TooLong)
-        );
+        assert_eq!(validate_name(&"q".repeat(MAX_NAME_LEN + 1)), Err(NameError::TooLong));
         assert_eq!(validate_name("a b"), Err(NameError::BadCharacter(' ')));
         assert_eq!(validate_name("jobs/1"), Err(NameError::BadCharacter('/')));
         assert_eq!(validate_name("é"), Err(NameError::BadCharacter('é')));

@@ -31,10 +31,7 @@ pub fn duration_from_proto(duration: &prost_types::Duration) -> Result<Duration,
         return Err(DurationError::Malformed);
     }
     // Both parts are non-negative and in range, so the casts cannot wrap.
-    Ok(Duration::new(
-        duration.seconds as u64,
-        duration.nanos as u32,
-    ))
+    Ok(Duration::new(duration.seconds as u64, duration.nanos as u32))
 }
 
 /// Converts a `std::time::Duration` to its protobuf form (saturating at i64::MAX seconds).
@@ -50,10 +47,7 @@ pub fn timestamp_to_unix_micros(timestamp: &prost_types::Timestamp) -> Option<i6
     if !(0..1_000_000_000).contains(&timestamp.nanos) {
         return None;
     }
-    timestamp
-        .seconds
-        .checked_mul(1_000_000)?
-        .checked_add(i64::from(timestamp.nanos / 1_000))
+    timestamp.seconds.checked_mul(1_000_000)?.checked_add(i64::from(timestamp.nanos / 1_000))
 }
 
 /// A protobuf timestamp from microseconds since the Unix epoch.
@@ -66,9 +60,7 @@ pub fn timestamp_from_unix_micros(micros: i64) -> prost_types::Timestamp {
 
 /// The current time as a protobuf timestamp.
 pub fn timestamp_now() -> prost_types::Timestamp {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
     prost_types::Timestamp {
         seconds: i64::try_from(since_epoch.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(since_epoch.subsec_nanos()).unwrap_or(0),
@@ -84,23 +76,11 @@ mod tests {
         let proto = duration_to_proto(Duration::from_millis(1_500));
         assert_eq!(proto.seconds, 1);
         assert_eq!(proto.nanos, 500_000_000);
-        assert_eq!(
-            duration_from_proto(&proto),
-            Ok(Duration::from_millis(1_500))
-        );
-        let negative = prost_types::Duration {
-            seconds: -1,
-            nanos: 0,
-        };
+        assert_eq!(duration_from_proto(&proto), Ok(Duration::from_millis(1_500)));
+        let negative = prost_types::Duration { seconds: -1, nanos: 0 };
         assert_eq!(duration_from_proto(&negative), Err(DurationError::Negative));
-        let malformed = prost_types::Duration {
-            seconds: 1,
-            nanos: 1_000_000_000,
-        };
-        assert_eq!(
-            duration_from_proto(&malformed),
-            Err(DurationError::Malformed)
-        );
+        let malformed = prost_types::Duration { seconds: 1, nanos: 1_000_000_000 };
+        assert_eq!(duration_from_proto(&malformed), Err(DurationError::Malformed));
     }
 
     #[test]
@@ -109,10 +89,7 @@ mod tests {
             let timestamp = timestamp_from_unix_micros(micros);
             assert_eq!(timestamp_to_unix_micros(&timestamp), Some(micros));
         }
-        let malformed = prost_types::Timestamp {
-            seconds: 1,
-            nanos: -5,
-        };
+        let malformed = prost_types::Timestamp { seconds: 1, nanos: -5 };
         assert_eq!(timestamp_to_unix_micros(&malformed), None);
     }
 }

@@ -14,15 +14,9 @@ async fn a_job_goes_from_enqueue_to_completed_with_its_result() -> Result<()> {
     let mut client = broker.broker().await;
     let mut job = new_job("emails", "send");
     job.payload = b"hello".to_vec();
-    job.attributes.insert(
-        "traceparent".into(),
-        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
-    );
+    job.attributes.insert("traceparent".into(), "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
     let ids = enqueue(&mut client, vec![job]).await?;
-    assert_eq!(
-        state_of(&mut client, &ids[0]).await?,
-        v1::JobState::Available
-    );
+    assert_eq!(state_of(&mut client, &ids[0]).await?, v1::JobState::Available);
 
     let mut worker = Worker::on(&mut client, &["emails"], 1).await?;
     let leased = worker.take_jobs(1, WAIT).await?;
@@ -39,18 +33,9 @@ async fn a_job_goes_from_enqueue_to_completed_with_its_result() -> Result<()> {
     ack.result = b"done".to_vec();
     let outcomes = ack_all(&mut client, vec![ack.clone(), ack]).await?;
     assert_eq!(outcomes[0].outcome, v1::Outcome::Ok as i32);
-    assert_eq!(
-        outcomes[1].outcome,
-        v1::Outcome::Ok as i32,
-        "acking twice with the same token is OK"
-    );
+    assert_eq!(outcomes[1].outcome, v1::Outcome::Ok as i32, "acking twice with the same token is OK");
 
-    let stored = client
-        .get_job(v1::GetJobRequest {
-            job_id: ids[0].clone(),
-        })
-        .await?
-        .into_inner();
+    let stored = client.get_job(v1::GetJobRequest { job_id: ids[0].clone() }).await?.into_inner();
     assert_eq!(stored.state, v1::JobState::Completed as i32);
     assert_eq!(stored.result, b"done");
     assert!(stored.finished_at.is_some());
@@ -90,11 +75,7 @@ async fn a_job_enqueued_on_another_replica_reaches_the_waiting_worker() -> Resul
 async fn the_window_is_max_in_flight_plus_credits_and_acks_free_slots() -> Result<()> {
     let broker = TestBroker::start().await?;
     let mut client = broker.broker().await;
-    enqueue(
-        &mut client,
-        (0..8).map(|_| new_job("window", "k")).collect(),
-    )
-    .await?;
+    enqueue(&mut client, (0..8).map(|_| new_job("window", "k")).collect()).await?;
     let mut worker = Worker::on(&mut client, &["window"], 2).await?;
     let first = worker.take_jobs(2, WAIT).await?;
     worker.expect_quiet(Duration::from_millis(300)).await?;
@@ -167,26 +148,15 @@ async fn only_the_current_token_can_settle_a_job() -> Result<()> {
 
     let nacks = nack_all(&mut client, vec![nack_of(&stale, "late")]).await?;
     assert_eq!(nacks[0].outcome, v1::Outcome::StaleLease as i32);
-    let acks = ack_all(
-        &mut client,
-        vec![ack_of(&stale), ack_of(&current), ack_of(&stale)],
-    )
-    .await?;
+    let acks = ack_all(&mut client, vec![ack_of(&stale), ack_of(&current), ack_of(&stale)]).await?;
     assert_eq!(acks[0].outcome, v1::Outcome::StaleLease as i32);
     assert_eq!(acks[1].outcome, v1::Outcome::Ok as i32);
     assert_eq!(acks[2].outcome, v1::Outcome::StaleLease as i32);
-    assert_eq!(
-        state_of(&mut client, &ids[0]).await?,
-        v1::JobState::Completed
-    );
+    assert_eq!(state_of(&mut client, &ids[0]).await?, v1::JobState::Completed);
 
     let unknown = ack_all(
         &mut client,
-        vec![v1::AckRequest {
-            job_id: "999999".into(),
-            lease_token: current.lease_token.clone(),
-            result: vec![],
-        }],
+        vec![v1::AckRequest { job_id: "999999".into(), lease_token: current.lease_token.clone(), result: vec![] }],
     )
     .await?;
     assert_eq!(unknown[0].outcome, v1::Outcome::NotFound as i32);
@@ -197,41 +167,19 @@ async fn only_the_current_token_can_settle_a_job() -> Result<()> {
 async fn leases_of_a_stream_that_ends_go_back_at_once() -> Result<()> {
     let broker = TestBroker::start().await?;
     let mut client = broker.broker().await;
-    let ids = enqueue(
-        &mut client,
-        vec![new_job("release", "k"), new_job("release", "k")],
-    )
-    .await?;
+    let ids = enqueue(&mut client, vec![new_job("release", "k"), new_job("release", "k")]).await?;
     let mut worker = Worker::on(&mut client, &["release"], 2).await?;
     let held = worker.take_jobs(2, WAIT).await?;
     worker.close();
     for id in &ids {
         // Within a second, not at lease expiry (30 s by default).
-        wait_for_state(
-            &mut client,
-            id,
-            v1::JobState::Available,
-            Duration::from_secs(1),
-        )
-        .await?;
+        wait_for_state(&mut client, id, v1::JobState::Available, Duration::from_secs(1)).await?;
     }
     let late = ack_all(&mut client, held.iter().map(ack_of).collect()).await?;
-    assert!(
-        late.iter()
-            .all(|ack| ack.outcome == v1::Outcome::StaleLease as i32)
-    );
-    let job = client
-        .get_job(v1::GetJobRequest {
-            job_id: ids[0].clone(),
-        })
-        .await?
-        .into_inner();
+    assert!(late.iter().all(|ack| ack.outcome == v1::Outcome::StaleLease as i32));
+    let job = client.get_job(v1::GetJobRequest { job_id: ids[0].clone() }).await?.into_inner();
     assert_eq!(job.attempt, 1);
-    assert!(
-        job.last_error.contains("stream closed"),
-        "last_error: {}",
-        job.last_error
-    );
+    assert!(job.last_error.contains("stream closed"), "last_error: {}", job.last_error);
     broker.finish().await
 }
 
@@ -262,10 +210,7 @@ async fn delayed_jobs_wait_for_their_time_then_arrive_promptly() -> Result<()> {
     let mut delayed = new_job("later", "k");
     delayed.delay = Some(seconds(0.8));
     let ids = enqueue(&mut client, vec![delayed]).await?;
-    assert_eq!(
-        state_of(&mut client, &ids[0]).await?,
-        v1::JobState::Scheduled
-    );
+    assert_eq!(state_of(&mut client, &ids[0]).await?, v1::JobState::Scheduled);
     let mut worker = Worker::on(&mut client, &["later"], 1).await?;
     worker.expect_quiet(Duration::from_millis(500)).await?;
     worker.take_jobs(1, Duration::from_secs(2)).await?;
@@ -278,35 +223,19 @@ async fn dedup_keys_return_the_unfinished_job() -> Result<()> {
     let mut client = broker.broker().await;
     let mut job = new_job("dedup", "k");
     job.dedup_key = "blob:sha256:abc".into();
-    let first = client
-        .enqueue(v1::EnqueueRequest {
-            jobs: vec![job.clone(), job.clone()],
-        })
-        .await?
-        .into_inner();
+    let first = client.enqueue(v1::EnqueueRequest { jobs: vec![job.clone(), job.clone()] }).await?.into_inner();
     assert!(!first.jobs[0].deduplicated);
     assert!(first.jobs[1].deduplicated, "a duplicate inside one request");
     assert_eq!(first.jobs[0].job_id, first.jobs[1].job_id);
-    let again = client
-        .enqueue(v1::EnqueueRequest {
-            jobs: vec![job.clone()],
-        })
-        .await?
-        .into_inner();
+    let again = client.enqueue(v1::EnqueueRequest { jobs: vec![job.clone()] }).await?.into_inner();
     assert!(again.jobs[0].deduplicated);
     assert_eq!(again.jobs[0].job_id, first.jobs[0].job_id);
 
     let mut worker = Worker::on(&mut client, &["dedup"], 1).await?;
     let leased = worker.take_jobs(1, WAIT).await?;
     ack_all(&mut client, vec![ack_of(&leased[0])]).await?;
-    let after = client
-        .enqueue(v1::EnqueueRequest { jobs: vec![job] })
-        .await?
-        .into_inner();
-    assert!(
-        !after.jobs[0].deduplicated,
-        "a finished job no longer holds its key"
-    );
+    let after = client.enqueue(v1::EnqueueRequest { jobs: vec![job] }).await?.into_inner();
+    assert!(!after.jobs[0].deduplicated, "a finished job no longer holds its key");
     assert_ne!(after.jobs[0].job_id, first.jobs[0].job_id);
     broker.finish().await
 }
@@ -316,22 +245,13 @@ async fn a_paused_queue_keeps_its_jobs_until_resumed() -> Result<()> {
     let broker = TestBroker::start().await?;
     let mut client = broker.broker().await;
     let mut admin = broker.admin().await;
-    let info = admin
-        .pause_queue(v1::PauseQueueRequest {
-            queue: "paused".into(),
-        })
-        .await?
-        .into_inner();
+    let info = admin.pause_queue(v1::PauseQueueRequest { queue: "paused".into() }).await?.into_inner();
     assert!(info.paused);
     enqueue(&mut client, vec![new_job("paused", "k")]).await?;
     let mut worker = Worker::on(&mut client, &["paused"], 1).await?;
     worker.expect_quiet(Duration::from_millis(400)).await?;
     assert!(stats_of(&mut admin, "paused").await?.paused);
-    admin
-        .resume_queue(v1::ResumeQueueRequest {
-            queue: "paused".into(),
-        })
-        .await?;
+    admin.resume_queue(v1::ResumeQueueRequest { queue: "paused".into() }).await?;
     worker.take_jobs(1, Duration::from_secs(3)).await?;
     broker.finish().await
 }
@@ -340,11 +260,7 @@ async fn a_paused_queue_keeps_its_jobs_until_resumed() -> Result<()> {
 async fn kinds_filter_what_a_stream_receives() -> Result<()> {
     let broker = TestBroker::start().await?;
     let mut client = broker.broker().await;
-    let ids = enqueue(
-        &mut client,
-        vec![new_job("mixed", "diff"), new_job("mixed", "sync")],
-    )
-    .await?;
+    let ids = enqueue(&mut client, vec![new_job("mixed", "diff"), new_job("mixed", "sync")]).await?;
     let mut worker = Worker::open(
         &mut client,
         v1::OpenLease {

@@ -22,35 +22,27 @@ async fn a_committed_job_reaches_a_waiting_worker_and_a_rolled_back_one_never_do
     let mut connection = connect(&broker).await?;
 
     let mut rolled_back = connection.begin().await?;
-    let _: String = sqlx::query_scalar(
-        "SELECT workbroker.enqueue_v1('registry', 'index', convert_to('x', 'UTF8'))",
-    )
-    .fetch_one(&mut *rolled_back)
-    .await?;
+    let _: String = sqlx::query_scalar("SELECT workbroker.enqueue_v1('registry', 'index', convert_to('x', 'UTF8'))")
+        .fetch_one(&mut *rolled_back)
+        .await?;
     rolled_back.rollback().await?;
 
     let mut transaction = connection.begin().await?;
-    let job_id: String = sqlx::query_scalar(
-        "SELECT workbroker.enqueue_v1('registry', 'index', ordering_key => 'serde')",
-    )
-    .fetch_one(&mut *transaction)
-    .await?;
+    let job_id: String =
+        sqlx::query_scalar("SELECT workbroker.enqueue_v1('registry', 'index', ordering_key => 'serde')")
+            .fetch_one(&mut *transaction)
+            .await?;
     // Invisible to workers before the commit.
     worker.expect_quiet(Duration::from_millis(300)).await?;
     transaction.commit().await?;
     let leased = worker.take_jobs(1, Duration::from_secs(3)).await?;
     assert_eq!(id_of(&leased[0]), job_id);
-    assert_eq!(
-        leased[0].job.as_ref().map(|job| job.ordering_key.as_str()),
-        Some("serde")
-    );
+    assert_eq!(leased[0].job.as_ref().map(|job| job.ordering_key.as_str()), Some("serde"));
     assert_eq!(leased[0].job.as_ref().map(|job| job.sequence), Some(1));
 
     // The rolled-back job never shows up.
     worker.expect_quiet(Duration::from_millis(500)).await?;
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM workbroker.all_jobs")
-        .fetch_one(&mut connection)
-        .await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM workbroker.all_jobs").fetch_one(&mut connection).await?;
     assert_eq!(total, 1);
     broker.finish().await
 }
@@ -64,9 +56,8 @@ async fn commit_to_delivery_latency_of_sql_enqueued_jobs() -> Result<()> {
     let mut latencies = Vec::new();
     for _ in 0..100 {
         let mut transaction = connection.begin().await?;
-        let _: String = sqlx::query_scalar("SELECT workbroker.enqueue_v1('latency', 'noop')")
-            .fetch_one(&mut *transaction)
-            .await?;
+        let _: String =
+            sqlx::query_scalar("SELECT workbroker.enqueue_v1('latency', 'noop')").fetch_one(&mut *transaction).await?;
         transaction.commit().await?;
         let committed = Instant::now();
         worker.take_jobs(1, WAIT).await?;
@@ -76,10 +67,7 @@ async fn commit_to_delivery_latency_of_sql_enqueued_jobs() -> Result<()> {
     let p50 = latencies[latencies.len() / 2];
     let p99 = latencies[latencies.len() * 99 / 100];
     // Reported, not asserted: see the closing note of the issue.
-    println!(
-        "sql enqueue commit-to-delivery over {} jobs: p50 {p50:?}, p99 {p99:?}",
-        latencies.len()
-    );
+    println!("sql enqueue commit-to-delivery over {} jobs: p50 {p50:?}, p99 {p99:?}", latencies.len());
     broker.finish().await
 }
 
@@ -93,17 +81,13 @@ async fn a_long_transaction_neither_blocks_enqueues_nor_breaks_the_watermark() -
 
     let mut connection = connect(&broker).await?;
     let mut long = connection.begin().await?;
-    let late_id: String = sqlx::query_scalar("SELECT workbroker.enqueue_v1('index', 'k')")
-        .fetch_one(&mut *long)
-        .await?;
+    let late_id: String =
+        sqlx::query_scalar("SELECT workbroker.enqueue_v1('index', 'k')").fetch_one(&mut *long).await?;
 
     // Meanwhile gRPC enqueues and acks go on, unblocked.
     let during = tokio::time::timeout(
         Duration::from_secs(5),
-        enqueue(
-            &mut client,
-            vec![new_job("index", "k"), new_job("index", "k")],
-        ),
+        enqueue(&mut client, vec![new_job("index", "k"), new_job("index", "k")]),
     )
     .await
     .context("a gRPC enqueue was blocked by the open transaction")??;
@@ -111,10 +95,7 @@ async fn a_long_transaction_neither_blocks_enqueues_nor_breaks_the_watermark() -
     let leased = worker.take_jobs(3, WAIT).await?;
     ack_all(&mut client, leased.iter().map(ack_of).collect()).await?;
     let stats = stats_of(&mut admin, "index").await?;
-    assert_eq!(
-        stats.completed_watermark, 3,
-        "everything committed so far is done"
-    );
+    assert_eq!(stats.completed_watermark, 3, "everything committed so far is done");
     assert_eq!(stats.last_sequence, 3);
     assert_eq!(during.len(), 2);
 
@@ -126,10 +107,7 @@ async fn a_long_transaction_neither_blocks_enqueues_nor_breaks_the_watermark() -
     assert_eq!(id_of(&late[0]), late_id);
     assert_eq!(late[0].job.as_ref().map(|job| job.sequence), Some(4));
     let stats = stats_of(&mut admin, "index").await?;
-    assert_eq!(
-        stats.completed_watermark, 3,
-        "the watermark waits for the late job"
-    );
+    assert_eq!(stats.completed_watermark, 3, "the watermark waits for the late job");
     ack_all(&mut client, vec![ack_of(&late[0])]).await?;
     let stats = stats_of(&mut admin, "index").await?;
     assert_eq!(stats.completed_watermark, 4, "and then moves on exactly");
@@ -150,46 +128,21 @@ async fn a_batch_is_all_or_nothing_and_bad_arguments_name_the_field() -> Result<
     let error = result.err().context("max_attempts 5000 must be refused")?;
     let database_error = error.as_database_error().context("a database error")?;
     assert_eq!(database_error.code().as_deref(), Some("22023"));
-    assert!(
-        database_error.message().contains("jobs[1].max_attempts"),
-        "{}",
-        database_error.message()
-    );
+    assert!(database_error.message().contains("jobs[1].max_attempts"), "{}", database_error.message());
 
     for (call, field) in [
         ("SELECT workbroker.enqueue_v1('bad queue', 'k')", "queue"),
         ("SELECT workbroker.enqueue_v1('q', '')", "kind"),
-        (
-            "SELECT workbroker.enqueue_v1('q', 'k', attributes => '[1]')",
-            "attributes",
-        ),
-        (
-            "SELECT workbroker.enqueue_v1('q', 'k', run_at => now(), delay => interval '1 s')",
-            "run_at",
-        ),
-        (
-            "SELECT workbroker.enqueue_v1('q', 'k', delay => interval '-1 s')",
-            "delay",
-        ),
-        (
-            "SELECT workbroker.enqueue_v1('q', 'k', payload => decode(repeat('00', 1048577), 'hex'))",
-            "payload",
-        ),
+        ("SELECT workbroker.enqueue_v1('q', 'k', attributes => '[1]')", "attributes"),
+        ("SELECT workbroker.enqueue_v1('q', 'k', run_at => now(), delay => interval '1 s')", "run_at"),
+        ("SELECT workbroker.enqueue_v1('q', 'k', delay => interval '-1 s')", "delay"),
+        ("SELECT workbroker.enqueue_v1('q', 'k', payload => decode(repeat('00', 1048577), 'hex'))", "payload"),
     ] {
-        let error = sqlx::query(call)
-            .execute(&mut connection)
-            .await
-            .err()
-            .context("must be refused")?;
-        let message = error
-            .as_database_error()
-            .map(|error| error.message().to_owned())
-            .unwrap_or_default();
+        let error = sqlx::query(call).execute(&mut connection).await.err().context("must be refused")?;
+        let message = error.as_database_error().map(|error| error.message().to_owned()).unwrap_or_default();
         assert!(message.contains(field), "{call}: {message}");
     }
-    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM workbroker.all_jobs")
-        .fetch_one(&mut connection)
-        .await?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM workbroker.all_jobs").fetch_one(&mut connection).await?;
     assert_eq!(total, 0, "no refused call inserted anything");
 
     let rows: Vec<(String, bool)> = sqlx::query_as(
@@ -202,19 +155,11 @@ async fn a_batch_is_all_or_nothing_and_bad_arguments_name_the_field() -> Result<
     assert_eq!(rows[0].0, rows[1].0);
     assert_eq!((rows[0].1, rows[1].1), (false, true));
     let mut client = broker.broker().await;
-    let job = client
-        .get_job(v1::GetJobRequest {
-            job_id: rows[0].0.clone(),
-        })
-        .await?
-        .into_inner();
+    let job = client.get_job(v1::GetJobRequest { job_id: rows[0].0.clone() }).await?.into_inner();
     assert_eq!(job.state, v1::JobState::Scheduled as i32);
     assert_eq!(job.max_attempts, 3);
     assert_eq!(job.priority, 5);
-    assert_eq!(
-        job.attributes.get("traceparent").map(String::as_str),
-        Some("00-ab-cd-01")
-    );
+    assert_eq!(job.attributes.get("traceparent").map(String::as_str), Some("00-ab-cd-01"));
     broker.finish().await
 }
 
@@ -222,29 +167,17 @@ async fn a_batch_is_all_or_nothing_and_bad_arguments_name_the_field() -> Result<
 async fn the_enqueuer_role_can_enqueue_and_nothing_else() -> Result<()> {
     let broker = TestBroker::start().await?;
     let mut connection = connect(&broker).await?;
-    let role = format!(
-        "wbtest_app_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
+    let role = format!("wbtest_app_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
     for statement in [
         format!("CREATE ROLE {role} LOGIN PASSWORD 'app-secret'"),
         format!("GRANT workbroker_enqueuer TO {role}"),
-        format!(
-            "GRANT CONNECT ON DATABASE {} TO {role}",
-            broker.database.name
-        ),
+        format!("GRANT CONNECT ON DATABASE {} TO {role}", broker.database.name),
     ] {
-        sqlx::query(sqlx::AssertSqlSafe(statement))
-            .execute(&mut connection)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(statement)).execute(&mut connection).await?;
     }
     let app_url = rewrite_user(&broker.database.url, &role);
-    let mut app = PgConnection::connect(&app_url)
-        .await
-        .context("connect as the app role")?;
-    let job_id: String = sqlx::query_scalar("SELECT workbroker.enqueue_v1('app', 'k')")
-        .fetch_one(&mut app)
-        .await?;
+    let mut app = PgConnection::connect(&app_url).await.context("connect as the app role")?;
+    let job_id: String = sqlx::query_scalar("SELECT workbroker.enqueue_v1('app', 'k')").fetch_one(&mut app).await?;
     assert!(!job_id.is_empty());
     for forbidden in [
         "SELECT count(*) FROM workbroker.jobs",
@@ -254,31 +187,16 @@ async fn the_enqueuer_role_can_enqueue_and_nothing_else() -> Result<()> {
         "UPDATE workbroker.queues SET paused = true",
         "SELECT workbroker.backoff_micros(1, interval '1 s', interval '1 s', 2, 0)",
     ] {
-        let error = sqlx::query(forbidden)
-            .execute(&mut app)
-            .await
-            .err()
-            .context(forbidden)?;
-        let code = error
-            .as_database_error()
-            .and_then(|error| error.code().map(|code| code.into_owned()));
-        assert_eq!(
-            code.as_deref(),
-            Some("42501"),
-            "{forbidden} must be refused with insufficient_privilege"
-        );
+        let error = sqlx::query(forbidden).execute(&mut app).await.err().context(forbidden)?;
+        let code = error.as_database_error().and_then(|error| error.code().map(|code| code.into_owned()));
+        assert_eq!(code.as_deref(), Some("42501"), "{forbidden} must be refused with insufficient_privilege");
     }
     app.close().await?;
     let mut client = broker.broker().await;
-    assert_eq!(
-        state_of(&mut client, &job_id).await?,
-        v1::JobState::Available
-    );
+    assert_eq!(state_of(&mut client, &job_id).await?, v1::JobState::Available);
     broker.finish().await?;
     let mut admin = PgConnection::connect(&server_url()).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}")))
-        .execute(&mut admin)
-        .await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {role}"))).execute(&mut admin).await?;
     Ok(())
 }
 

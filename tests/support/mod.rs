@@ -29,8 +29,7 @@ use workbroker_server::store::StoreConfig;
 
 /// The server URL from the environment, or the local default.
 pub fn server_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
 /// `url` with its database name replaced.
@@ -59,37 +58,24 @@ pub struct TestDatabase {
 impl TestDatabase {
     pub async fn create() -> Result<Self> {
         let name = format!("wbtest_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&server_url())
-            .await
-            .context("connect to DATABASE_URL")?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut admin)
-            .await?;
+        let mut admin = PgConnection::connect(&server_url()).await.context("connect to DATABASE_URL")?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
         admin.close().await?;
-        Ok(Self {
-            url: with_database(&server_url(), &name),
-            name,
-        })
+        Ok(Self { url: with_database(&server_url(), &name), name })
     }
 
     pub async fn drop_database(&self) -> Result<()> {
         let mut admin = PgConnection::connect(&server_url()).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-            self.name
-        )))
-        .execute(&mut admin)
-        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)))
+            .execute(&mut admin)
+            .await?;
         admin.close().await?;
         Ok(())
     }
 
     /// A pool on this database, for checks that look at the tables directly.
     pub async fn pool(&self) -> Result<sqlx::PgPool> {
-        Ok(sqlx::postgres::PgPoolOptions::new()
-            .max_connections(4)
-            .connect(&self.url)
-            .await?)
+        Ok(sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&self.url).await?)
     }
 }
 
@@ -102,15 +88,10 @@ pub fn test_config(database_url: &str) -> ServerConfig {
             acquire_timeout: Duration::from_secs(3),
         },
         migrate: true,
-        limits: Limits {
-            max_payload_bytes: 1024 * 1024,
-        },
+        limits: Limits { max_payload_bytes: 1024 * 1024 },
         max_message_bytes: 16 * 1024 * 1024,
         shutdown_grace: Duration::from_secs(2),
-        reaper: ReaperConfig {
-            interval: Duration::from_millis(100),
-            batch_size: 1000,
-        },
+        reaper: ReaperConfig { interval: Duration::from_millis(100), batch_size: 1000 },
         member_id: format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
         advertise_address: None,
         batchers: BatcherSettings::default(),
@@ -142,27 +123,15 @@ impl TestBroker {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(workbroker_server::server::run(
-            config,
-            listener,
-            shutdown.clone(),
-        ));
-        let broker = Self {
-            address,
-            database,
-            shutdown,
-            task: Some(task),
-        };
+        let task = tokio::spawn(workbroker_server::server::run(config, listener, shutdown.clone()));
+        let broker = Self { address, database, shutdown, task: Some(task) };
         broker.wait_ready().await?;
         Ok(broker)
     }
 
     /// Another broker replica over the same database.
     pub async fn start_replica(&self) -> Result<TestBroker> {
-        let database = TestDatabase {
-            name: self.database.name.clone(),
-            url: self.database.url.clone(),
-        };
+        let database = TestDatabase { name: self.database.name.clone(), url: self.database.url.clone() };
         let mut config = test_config(&database.url);
         config.migrate = false;
         Self::start_with(database, config).await
@@ -171,11 +140,7 @@ impl TestBroker {
     async fn wait_ready(&self) -> Result<()> {
         for _ in 0..200 {
             if let Ok(mut admin) = self.try_admin().await {
-                if admin
-                    .get_queue_stats(v1::GetQueueStatsRequest::default())
-                    .await
-                    .is_ok()
-                {
+                if admin.get_queue_stats(v1::GetQueueStatsRequest::default()).await.is_ok() {
                     return Ok(());
                 }
             }
@@ -233,22 +198,12 @@ impl Drop for TestBroker {
 
 /// A job with just a queue and kind.
 pub fn new_job(queue: &str, kind: &str) -> v1::NewJob {
-    v1::NewJob {
-        queue: queue.to_owned(),
-        kind: kind.to_owned(),
-        ..Default::default()
-    }
+    v1::NewJob { queue: queue.to_owned(), kind: kind.to_owned(), ..Default::default() }
 }
 
 /// Enqueues jobs and returns their ids.
-pub async fn enqueue(
-    broker: &mut BrokerClient<Channel>,
-    jobs: Vec<v1::NewJob>,
-) -> Result<Vec<String>> {
-    let response = broker
-        .enqueue(v1::EnqueueRequest { jobs })
-        .await?
-        .into_inner();
+pub async fn enqueue(broker: &mut BrokerClient<Channel>, jobs: Vec<v1::NewJob>) -> Result<Vec<String>> {
+    let response = broker.enqueue(v1::EnqueueRequest { jobs }).await?.into_inner();
     Ok(response.jobs.into_iter().map(|job| job.job_id).collect())
 }
 
@@ -267,26 +222,14 @@ impl Worker {
     pub async fn open(broker: &mut BrokerClient<Channel>, open: v1::OpenLease) -> Result<Self> {
         let (requests, receiver) = tokio::sync::mpsc::unbounded_channel();
         requests
-            .send(v1::LeaseRequest {
-                request: Some(v1::lease_request::Request::Open(open)),
-            })
+            .send(v1::LeaseRequest { request: Some(v1::lease_request::Request::Open(open)) })
             .context("send open")?;
-        let responses = broker
-            .lease(UnboundedReceiverStream::new(receiver))
-            .await?
-            .into_inner();
-        Ok(Self {
-            requests,
-            responses,
-        })
+        let responses = broker.lease(UnboundedReceiverStream::new(receiver)).await?.into_inner();
+        Ok(Self { requests, responses })
     }
 
     /// Opens a stream on `queues` with the given window.
-    pub async fn on(
-        broker: &mut BrokerClient<Channel>,
-        queues: &[&str],
-        max_in_flight: u32,
-    ) -> Result<Self> {
+    pub async fn on(broker: &mut BrokerClient<Channel>, queues: &[&str], max_in_flight: u32) -> Result<Self> {
         Self::open(
             broker,
             v1::OpenLease {
@@ -301,17 +244,12 @@ impl Worker {
 
     pub fn credit(&self, count: u32) -> Result<()> {
         self.requests
-            .send(v1::LeaseRequest {
-                request: Some(v1::lease_request::Request::Credit(v1::Credit { count })),
-            })
+            .send(v1::LeaseRequest { request: Some(v1::lease_request::Request::Credit(v1::Credit { count })) })
             .context("send credit")
     }
 
     /// The next message, or `None` if none arrives within `wait`.
-    pub async fn next_within(
-        &mut self,
-        wait: Duration,
-    ) -> Result<Option<v1::lease_response::Response>> {
+    pub async fn next_within(&mut self, wait: Duration) -> Result<Option<v1::lease_response::Response>> {
         match tokio::time::timeout(wait, self.responses.message()).await {
             Err(_) => Ok(None),
             Ok(message) => Ok(message?.and_then(|response| response.response)),
@@ -327,10 +265,7 @@ impl Worker {
             match self.next_within(left).await? {
                 Some(v1::lease_response::Response::Jobs(leased)) => jobs.extend(leased.jobs),
                 Some(other) => anyhow::bail!("expected jobs, got {other:?}"),
-                None => anyhow::bail!(
-                    "only {} of {count} jobs arrived within {wait:?}",
-                    jobs.len()
-                ),
+                None => anyhow::bail!("only {} of {count} jobs arrived within {wait:?}", jobs.len()),
             }
         }
         Ok(jobs)
@@ -351,21 +286,12 @@ impl Worker {
 }
 
 /// Acks jobs over one Ack stream and returns the outcomes in order.
-pub async fn ack_all(
-    broker: &mut BrokerClient<Channel>,
-    acks: Vec<v1::AckRequest>,
-) -> Result<Vec<v1::AckResponse>> {
+pub async fn ack_all(broker: &mut BrokerClient<Channel>, acks: Vec<v1::AckRequest>) -> Result<Vec<v1::AckResponse>> {
     let count = acks.len();
     let responses = broker.ack(tokio_stream::iter(acks)).await?.into_inner();
-    let collected: Vec<v1::AckResponse> = futures::StreamExt::collect::<Vec<_>>(responses)
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
-    anyhow::ensure!(
-        collected.len() == count,
-        "expected {count} ack responses, got {}",
-        collected.len()
-    );
+    let collected: Vec<v1::AckResponse> =
+        futures::StreamExt::collect::<Vec<_>>(responses).await.into_iter().collect::<Result<_, _>>()?;
+    anyhow::ensure!(collected.len() == count, "expected {count} ack responses, got {}", collected.len());
     Ok(collected)
 }
 
@@ -376,25 +302,15 @@ pub async fn nack_all(
 ) -> Result<Vec<v1::NackResponse>> {
     let count = nacks.len();
     let responses = broker.nack(tokio_stream::iter(nacks)).await?.into_inner();
-    let collected: Vec<v1::NackResponse> = futures::StreamExt::collect::<Vec<_>>(responses)
-        .await
-        .into_iter()
-        .collect::<Result<_, _>>()?;
-    anyhow::ensure!(
-        collected.len() == count,
-        "expected {count} nack responses, got {}",
-        collected.len()
-    );
+    let collected: Vec<v1::NackResponse> =
+        futures::StreamExt::collect::<Vec<_>>(responses).await.into_iter().collect::<Result<_, _>>()?;
+    anyhow::ensure!(collected.len() == count, "expected {count} nack responses, got {}", collected.len());
     Ok(collected)
 }
 
 pub fn ack_of(job: &v1::LeasedJob) -> v1::AckRequest {
     v1::AckRequest {
-        job_id: job
-            .job
-            .as_ref()
-            .map(|job| job.job_id.clone())
-            .unwrap_or_default(),
+        job_id: job.job.as_ref().map(|job| job.job_id.clone()).unwrap_or_default(),
         lease_token: job.lease_token.clone(),
         result: Vec::new(),
     }
@@ -402,11 +318,7 @@ pub fn ack_of(job: &v1::LeasedJob) -> v1::AckRequest {
 
 pub fn nack_of(job: &v1::LeasedJob, error: &str) -> v1::NackRequest {
     v1::NackRequest {
-        job_id: job
-            .job
-            .as_ref()
-            .map(|job| job.job_id.clone())
-            .unwrap_or_default(),
+        job_id: job.job.as_ref().map(|job| job.job_id.clone()).unwrap_or_default(),
         lease_token: job.lease_token.clone(),
         error: error.to_owned(),
         ..Default::default()
@@ -414,20 +326,12 @@ pub fn nack_of(job: &v1::LeasedJob, error: &str) -> v1::NackRequest {
 }
 
 pub fn id_of(job: &v1::LeasedJob) -> String {
-    job.job
-        .as_ref()
-        .map(|job| job.job_id.clone())
-        .unwrap_or_default()
+    job.job.as_ref().map(|job| job.job_id.clone()).unwrap_or_default()
 }
 
 /// Reads a job's state.
 pub async fn state_of(broker: &mut BrokerClient<Channel>, job_id: &str) -> Result<v1::JobState> {
-    let job = broker
-        .get_job(v1::GetJobRequest {
-            job_id: job_id.to_owned(),
-        })
-        .await?
-        .into_inner();
+    let job = broker.get_job(v1::GetJobRequest { job_id: job_id.to_owned() }).await?.into_inner();
     Ok(v1::JobState::try_from(job.state)?)
 }
 
@@ -444,37 +348,21 @@ pub async fn wait_for_state(
         if current == state {
             return Ok(started.elapsed());
         }
-        anyhow::ensure!(
-            started.elapsed() < wait,
-            "job {job_id} still {current:?} after {wait:?}, expected {state:?}"
-        );
+        anyhow::ensure!(started.elapsed() < wait, "job {job_id} still {current:?} after {wait:?}, expected {state:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// Stats of one queue.
 pub async fn stats_of(admin: &mut AdminClient<Channel>, queue: &str) -> Result<v1::QueueStats> {
-    let response = admin
-        .get_queue_stats(v1::GetQueueStatsRequest {
-            queue: queue.to_owned(),
-        })
-        .await?
-        .into_inner();
-    response
-        .queues
-        .into_iter()
-        .next()
-        .context("no stats for the queue")
+    let response = admin.get_queue_stats(v1::GetQueueStatsRequest { queue: queue.to_owned() }).await?.into_inner();
+    response.queues.into_iter().next().context("no stats for the queue")
 }
 
 impl Worker {
     /// Sends any request on the stream (for protocol-violation tests).
     pub fn send(&self, request: v1::lease_request::Request) -> Result<()> {
-        self.requests
-            .send(v1::LeaseRequest {
-                request: Some(request),
-            })
-            .context("send on the lease stream")
+        self.requests.send(v1::LeaseRequest { request: Some(request) }).context("send on the lease stream")
     }
 
     /// Waits for the next cancel notice, failing on anything else (or after `wait`).
@@ -505,20 +393,12 @@ impl Worker {
 
 /// A job with an ordering key.
 pub fn keyed_job(queue: &str, kind: &str, ordering_key: &str) -> v1::NewJob {
-    v1::NewJob {
-        ordering_key: ordering_key.to_owned(),
-        ..new_job(queue, kind)
-    }
+    v1::NewJob { ordering_key: ordering_key.to_owned(), ..new_job(queue, kind) }
 }
 
 /// Reads a job.
 pub async fn get_job(broker: &mut BrokerClient<Channel>, job_id: &str) -> Result<v1::Job> {
-    Ok(broker
-        .get_job(v1::GetJobRequest {
-            job_id: job_id.to_owned(),
-        })
-        .await?
-        .into_inner())
+    Ok(broker.get_job(v1::GetJobRequest { job_id: job_id.to_owned() }).await?.into_inner())
 }
 
 /// Makes a queue's retries quick and predictable: a fixed `initial` delay,
@@ -541,11 +421,7 @@ pub async fn configure_fast_backoff(
 }
 
 /// Every job of a queue (optionally of one state), following page tokens.
-pub async fn list_all_jobs(
-    admin: &mut AdminClient<Channel>,
-    queue: &str,
-    state: v1::JobState,
-) -> Result<Vec<v1::Job>> {
+pub async fn list_all_jobs(admin: &mut AdminClient<Channel>, queue: &str, state: v1::JobState) -> Result<Vec<v1::Job>> {
     let mut jobs = Vec::new();
     let mut page_token = String::new();
     loop {
@@ -575,9 +451,7 @@ pub fn config_without_reaper(database_url: &str) -> ServerConfig {
 }
 
 /// The status of a failed call, or an error if the call succeeded.
-pub fn expect_status<T: std::fmt::Debug>(
-    result: Result<tonic::Response<T>, tonic::Status>,
-) -> Result<tonic::Status> {
+pub fn expect_status<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>) -> Result<tonic::Status> {
     match result {
         Ok(response) => anyhow::bail!("expected an error status, got {:?}", response.get_ref()),
         Err(status) => Ok(status),
