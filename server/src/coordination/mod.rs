@@ -189,7 +189,9 @@ impl ClusterView {
             let owned = shard_map.shards_of(&self.self_member.member_id);
             tracing::info!(generation = shard_map.generation, owned = owned.len(), owners = ?shard_map.owners.iter().map(|(member, shards)| (member.clone(), shards.len())).collect::<Vec<_>>(), "shard map changed");
             let owned: Vec<i32> = owned.into_iter().filter_map(|shard| i32::try_from(shard).ok()).collect();
-            let owned = (!shard_map.owners.is_empty()).then(|| Arc::new(owned));
+            // No map, or every shard ours: no preference to apply.
+            let everything = owned.len() >= self.shard_count as usize;
+            let owned = (!shard_map.owners.is_empty() && !everything).then(|| Arc::new(owned));
             self.owned_shards.send_replace(owned);
         }
         state.members = members;
@@ -236,6 +238,8 @@ pub struct EtcdCoordination {
     pub store: crate::store::Store,
     pub reaper: crate::reaper::ReaperConfig,
     pub freeze: lease::KeepAliveFreeze,
+    /// Where the reaper counts expiries.
+    pub metrics: Arc<crate::admin::metrics::Metrics>,
 }
 
 impl EtcdCoordination {
@@ -273,6 +277,7 @@ impl EtcdCoordination {
                 self.reaper,
                 Some((client, self.config.clone())),
             )
+            .with_metrics(self.metrics.clone())
             .run(shutdown.clone()),
         );
         tasks.close();
@@ -316,7 +321,7 @@ mod tests {
         let snapshot = view.snapshot();
         assert_eq!(snapshot.leader_id.as_deref(), Some("alone"));
         assert_eq!(snapshot.shard_map.shards_of("alone"), (0..16).collect::<Vec<_>>());
-        assert_eq!(view.subscribe_owned_shards().borrow().as_ref().map(|owned| owned.len()), Some(16));
+        assert!(view.subscribe_owned_shards().borrow().is_none(), "owning every shard needs no preference");
     }
 
     #[test]

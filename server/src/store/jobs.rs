@@ -401,13 +401,15 @@ impl Store {
             insert_finished!("done", "4", "last_error", "nullif(ack_result, ''::bytea)"),
             " RETURNING id, lease_token) \
              SELECT CASE \
-                 WHEN EXISTS (SELECT 1 FROM moved m WHERE m.id = i.id AND m.lease_token = i.token) THEN 1 \
+                 WHEN m.id IS NOT NULL THEN 1 \
                  WHEN EXISTS (SELECT 1 FROM workbroker.finished_jobs f \
                                WHERE f.id = i.id AND f.state = 4 AND f.lease_token = i.token) THEN 1 \
                  WHEN EXISTS (SELECT 1 FROM workbroker.jobs j WHERE j.id = i.id) \
                    OR EXISTS (SELECT 1 FROM workbroker.finished_jobs f WHERE f.id = i.id) THEN 2 \
                  ELSE 3 END::smallint \
-               FROM input i ORDER BY i.position"
+               FROM input i \
+               LEFT JOIN moved m ON m.id = i.id AND m.lease_token = i.token \
+              ORDER BY i.position"
         ))
         .bind(&ids)
         .bind(&tokens)
@@ -506,7 +508,7 @@ impl Store {
                       ELSE 3 END::smallint, \
                     e.lease_expires_at \
                FROM input i \
-               LEFT JOIN LATERAL (SELECT * FROM extended e WHERE e.id = i.id AND e.lease_token = i.token LIMIT 1) e ON true \
+               LEFT JOIN extended e ON e.id = i.id AND e.lease_token = i.token \
               ORDER BY i.position",
         )
         .bind(&ids)
