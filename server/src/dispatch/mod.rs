@@ -39,6 +39,10 @@ use uuid::Uuid;
 
 use crate::store::{self, HeldLease, JobRecord, LeaseParams, Store};
 
+/// Shards a replica dispatches first, as published by the cluster view
+/// (`None`: no preference).
+pub type OwnedShards = tokio::sync::watch::Receiver<Option<Arc<Vec<i32>>>>;
+
 /// Largest number of jobs one lease statement asks for.
 pub const MAX_LEASE_BATCH: u32 = 1000;
 /// Largest window one stream may have.
@@ -151,7 +155,7 @@ struct Registry {
 pub struct Dispatcher {
     store: Store,
     /// Shards this replica dispatches first (`None`: no preference).
-    owned_shards: Mutex<Option<tokio::sync::watch::Receiver<Option<Arc<Vec<i32>>>>>>,
+    owned_shards: Mutex<Option<OwnedShards>>,
     registry: Mutex<Registry>,
     changes: broadcast::Sender<i64>,
     leasing: CancellationToken,
@@ -180,7 +184,7 @@ impl Dispatcher {
 
     /// Dispatches first from the shards this receiver names (the cluster
     /// view's ownership), and from other shards only when those are empty.
-    pub fn follow_owned_shards(&self, owned: tokio::sync::watch::Receiver<Option<Arc<Vec<i32>>>>) {
+    pub fn follow_owned_shards(&self, owned: OwnedShards) {
         *self.owned_shards.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(owned);
     }
 
