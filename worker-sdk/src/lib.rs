@@ -3,6 +3,9 @@
 
 pub mod backoff;
 pub mod client;
+pub mod handlers;
+#[cfg(feature = "http-client")]
+pub mod http;
 pub mod trace;
 pub mod worker;
 
