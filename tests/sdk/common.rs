@@ -163,3 +163,185 @@ pub fn init_logs() {
             .try_init();
     }
 }
+
+/// A temporary directory removed on drop.
+pub struct TempDir {
+    pub path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new(prefix: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
+    }
+
+    pub fn join(&self, name: &str) -> std::path::PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A loopback HTTP server of the files in a directory: `GET /<name>`.
+/// Names starting with `slow` answer only after 30 s.
+pub struct StaticServer {
+    pub address: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+impl StaticServer {
+    pub async fn start(root: std::path::PathBuf) -> Result<Self> {
+        use http_body_util::Full;
+        use hyper::body::Bytes;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => continue,
+                    },
+                    () = stop.cancelled() => return,
+                };
+                let root = root.clone();
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                        let root = root.clone();
+                        async move {
+                            let name = request.uri().path().trim_start_matches('/').to_owned();
+                            if name.starts_with("slow") {
+                                tokio::time::sleep(Duration::from_secs(30)).await;
+                            }
+                            let response = match tokio::fs::read(root.join(&name)).await {
+                                Ok(bytes) if !name.contains("..") => {
+                                    hyper::Response::new(Full::new(Bytes::from(bytes)))
+                                }
+                                _ => {
+                                    let mut response = hyper::Response::new(Full::new(Bytes::new()));
+                                    *response.status_mut() = hyper::StatusCode::NOT_FOUND;
+                                    response
+                                }
+                            };
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(Self { address, shutdown })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+}
+
+impl Drop for StaticServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A TCP proxy that forwards everything to `upstream`, except that the
+/// first `cuts` HTTP PUT requests it sees are cut off after about 16 KiB of
+/// the request: both connections are dropped mid-upload.
+pub struct CuttingProxy {
+    pub address: SocketAddr,
+    pub cuts_done: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    shutdown: CancellationToken,
+}
+
+impl CuttingProxy {
+    pub async fn start(upstream: SocketAddr, cuts: usize) -> Result<Self> {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let cuts_left = Arc::new(AtomicUsize::new(cuts));
+        let cuts_done = Arc::new(AtomicUsize::new(0));
+        let done = cuts_done.clone();
+        tokio::spawn(async move {
+            loop {
+                let (client, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => continue,
+                    },
+                    () = stop.cancelled() => return,
+                };
+                let cuts_left = cuts_left.clone();
+                let done = done.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let back = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+                        let _ = client_write.shutdown().await;
+                    });
+                    let mut buffer = vec![0u8; 8192];
+                    let mut cutting = false;
+                    loop {
+                        let read = match client_read.read(&mut buffer).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(read) => read,
+                        };
+                        let chunk = &buffer[..read];
+                        if !cutting
+                            && chunk.starts_with(b"PUT ")
+                            && cuts_left
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1))
+                                .is_ok()
+                        {
+                            cutting = true;
+                            if server_write.write_all(chunk).await.is_err() {
+                                break;
+                            }
+                            continue;
+                        }
+                        if server_write.write_all(chunk).await.is_err() {
+                            break;
+                        }
+                        if cutting {
+                            // One more chunk of the body went through: cut here.
+                            done.fetch_add(1, Ordering::SeqCst);
+                            back.abort();
+                            return;
+                        }
+                    }
+                    let _ = server_write.shutdown().await;
+                    let _ = back.await;
+                });
+            }
+        });
+        Ok(Self { address, cuts_done, shutdown })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}

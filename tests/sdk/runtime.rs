@@ -281,16 +281,15 @@ async fn shutdown_drains_in_flight_jobs_and_leaves_nothing_leased() -> Result<()
         assert_eq!(job.result, b"finished");
     }
     // Nothing stays leased: what was not started is back in the queue.
-    let mut stats = v1::QueueStats::default();
     crate::common::eventually("no job leased", Duration::from_secs(2), || {
         let client = client.clone();
-        let stats = &mut stats;
         async move {
-            *stats = client.queue_stats("drain").await?.into_iter().next().context("stats")?;
-            Ok(stats.leased == 0)
+            let stats = client.queue_stats("drain").await?;
+            Ok(stats.first().is_some_and(|stats| stats.leased == 0))
         }
     })
     .await?;
+    let stats = client.queue_stats("drain").await?.into_iter().next().context("stats")?;
     assert_eq!(stats.completed + stats.available, 8, "{stats:?}");
     let completed: Vec<&String> = {
         let mut completed = Vec::new();

@@ -210,10 +210,18 @@ impl DiffHandler {
             .sources
             .get(source_name)
             .ok_or_else(|| JobError::permanent(format!("unknown image source {source_name:?}")))?;
-        let (left, right) = tokio::try_join!(
-            self.image(source_name, source, &payload.left_digest),
-            self.image(source_name, source, &payload.right_digest),
-        )?;
+        let loaded = tokio::select! {
+            loaded = async {
+                tokio::try_join!(
+                    self.image(source_name, source, &payload.left_digest),
+                    self.image(source_name, source, &payload.right_digest),
+                )
+            } => loaded,
+            () = job.cancellation().cancelled() => {
+                return Err(JobError::retry(format!("cancelled while loading images: {:?}", job.cancel_reason())));
+            }
+        };
+        let (left, right) = loaded?;
         let cancel = job.cancellation().clone();
         let result = tokio::task::spawn_blocking(move || compare(&left, &right, &cancel))
             .await
