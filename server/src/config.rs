@@ -44,6 +44,10 @@ pub struct ServeArgs {
     #[arg(long, env = "WORKBROKER_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
+    /// Address of the admin HTTP listener: /healthz, /readyz, /metrics and the status page (default: off).
+    #[arg(long, env = "WORKBROKER_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
     /// Address other replicas and clients reach this one at (default: the listen address).
     #[arg(long, env = "WORKBROKER_ADVERTISE_ADDRESS")]
     pub advertise_address: Option<String>,
@@ -167,6 +171,7 @@ impl ServeArgs {
             etcd: self.etcd.etcd_config(),
             shard_count: self.shard_count,
             keep_alive_freeze: KeepAliveFreeze::default(),
+            admin_listen: self.admin_listen,
         }
     }
 }

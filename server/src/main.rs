@@ -26,14 +26,14 @@ enum Command {
     Migrate(DatabaseArgs),
 }
 
-fn init_logging() {
+/// Logs to stderr (filtered by `WORKBROKER_LOG` or `RUST_LOG`), keeps recent
+/// warnings for the status page, and exports traces and metrics over OTLP
+/// when `OTEL_EXPORTER_OTLP_ENDPOINT` is set. Flush the guard on exit.
+fn init_logging() -> anyhow::Result<workbroker_server::telemetry::TelemetryGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WORKBROKER_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .init();
+    workbroker_server::telemetry::init(filter).context("cannot set up logging and telemetry")
 }
 
 /// Cancels `shutdown` on SIGTERM or Ctrl-C; a second signal exits at once.
@@ -73,7 +73,7 @@ async fn wait_for_signal() {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_logging();
+    let telemetry = init_logging()?;
     match Cli::parse().command {
         Command::Serve(args) => {
             let config = args.server_config();
@@ -82,7 +82,9 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("cannot listen on {}", args.listen))?;
             let shutdown = CancellationToken::new();
             spawn_signal_handler(shutdown.clone());
-            workbroker_server::server::run(config, listener, shutdown).await?;
+            let result = workbroker_server::server::run(config, listener, shutdown).await;
+            telemetry.shutdown().await;
+            result?;
         }
         Command::Migrate(args) => {
             let store = Store::connect_lazy(&args.store_config())?;

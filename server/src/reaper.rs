@@ -6,12 +6,15 @@
 //! SKIP LOCKED), so running it twice, late, or on two replicas at once
 //! returns each expired lease exactly once and never touches an acked job.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::metrics::{JobEvent, Metrics};
 use crate::coordination::LeaderTerm;
 use crate::store::{self, Store};
+use crate::telemetry::{self, JobRef, JobStep};
 
 /// Default time between two ticks.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
@@ -44,11 +47,19 @@ pub struct Reaper {
     config: ReaperConfig,
     /// When set, ticks only run while this leader term is trusted.
     term: Option<LeaderTerm>,
+    /// Where expiries are counted.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl Reaper {
     pub fn new(store: Store, config: ReaperConfig) -> Self {
-        Self { store, config, term: None }
+        Self { store, config, term: None, metrics: None }
+    }
+
+    /// Counts the leases it returns into `metrics`.
+    pub fn with_metrics(mut self, metrics: Option<Arc<Metrics>>) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Runs ticks only while `term` is trusted (leader-only operation).
@@ -90,10 +101,24 @@ impl Reaper {
     pub async fn run_once(&self) -> store::Result<ReaperCounts> {
         let mut counts = ReaperCounts::default();
         loop {
-            let returned = self.store.jobs_expire_leases(self.config.batch_size).await?;
-            counts.requeued += returned.requeued;
-            counts.dead += returned.dead;
-            if returned.requeued + returned.dead < u64::from(self.config.batch_size) {
+            let returned = self.store.jobs_expire_leases_returning(self.config.batch_size).await?;
+            let dead = returned.iter().filter(|job| job.dead).count() as u64;
+            counts.requeued += returned.len() as u64 - dead;
+            counts.dead += dead;
+            if let Some(metrics) = &self.metrics {
+                metrics.add_by_queue(JobEvent::Expired, returned.iter().map(|job| job.queue.as_str()));
+                metrics
+                    .add_by_queue(JobEvent::Dead, returned.iter().filter(|job| job.dead).map(|job| job.queue.as_str()));
+            }
+            telemetry::record_job_steps(
+                JobStep::Expire,
+                returned.iter().map(|job| JobRef {
+                    job_id: job.id,
+                    queue: &job.queue,
+                    traceparent: job.traceparent.as_deref(),
+                }),
+            );
+            if (returned.len() as u64) < u64::from(self.config.batch_size) {
                 break;
             }
         }

@@ -2,8 +2,11 @@
 //!
 //! Shutdown order: stop handing out jobs, let in-flight acks land (up to the
 //! grace period), release whatever is still leased, stop the gRPC server,
-//! stop the background loops (batchers flush what they hold), close the pool.
+//! stop the background loops (batchers flush what they hold), stop the admin
+//! HTTP listener (it answers `/metrics` and `/readyz` = 503 during the drain),
+//! close the pool. `main` flushes telemetry last.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +17,8 @@ use tonic::transport::server::TcpIncoming;
 use workbroker_api::v1::admin_server::AdminServer;
 use workbroker_api::v1::broker_server::BrokerServer;
 
+use crate::admin::metrics::{self, Metrics, MetricsRefresher};
+use crate::admin::{AdminListener, RecentErrors};
 use crate::coordination::chores::LeaderChores;
 use crate::coordination::etcd::EtcdConfig;
 use crate::coordination::lease::KeepAliveFreeze;
@@ -47,6 +52,8 @@ pub struct ServerConfig {
     pub shard_count: Option<u32>,
     /// Test hook: freezes this replica's etcd keep-alives.
     pub keep_alive_freeze: KeepAliveFreeze,
+    /// Address of the admin HTTP listener (health, metrics, status page); `None`: off.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// Why the broker stopped with an error.
@@ -62,6 +69,8 @@ pub enum Error {
     Io(#[from] std::io::Error),
     #[error("configuration: {0}")]
     Config(String),
+    #[error("cannot listen on {address} (admin HTTP): {source}")]
+    AdminListen { address: SocketAddr, source: std::io::Error },
 }
 
 /// How often to retry migrations while the database is unreachable at start.
@@ -117,8 +126,26 @@ async fn shard_count(store: &Store, wanted: Option<u32>) -> Result<u32, Error> {
 /// Shard count of a fresh database.
 const DEFAULT_SHARD_COUNT: u32 = 64;
 
-/// Runs a broker on `listener` until `shutdown` fires, then shuts down in order.
+/// Runs a broker on `listener` until `shutdown` fires, then shuts down in
+/// order. Serves the admin HTTP listener on `config.admin_listen` if set.
 pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: CancellationToken) -> Result<(), Error> {
+    let admin_listener = match config.admin_listen {
+        Some(address) => {
+            Some(TcpListener::bind(address).await.map_err(|source| Error::AdminListen { address, source })?)
+        }
+        None => None,
+    };
+    run_with_admin_listener(config, listener, admin_listener, shutdown).await
+}
+
+/// [`run`] with the admin HTTP listener already bound (tests bind
+/// `127.0.0.1:0` and read the port first); `config.admin_listen` is ignored.
+pub async fn run_with_admin_listener(
+    config: ServerConfig,
+    listener: TcpListener,
+    admin_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let local_address = listener.local_addr()?;
     let store = Store::connect_lazy(&config.store)?;
     if config.migrate {
@@ -130,9 +157,11 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: Cancella
 
     let background = TaskTracker::new();
     let background_stop = CancellationToken::new();
-    let dispatcher = Dispatcher::new(store.clone());
+    let metrics = Metrics::new();
+    let dispatcher = Dispatcher::with_metrics(store.clone(), metrics.clone());
     background.spawn(NotificationListener::new(store.clone(), dispatcher.clone()).run(background_stop.clone()));
-    let batchers = Batchers::start(&store, &dispatcher, config.batchers, &background, &background_stop);
+    let batchers = Batchers::start(&store, &dispatcher, config.batchers, &background, &background_stop, &metrics);
+    background.spawn(MetricsRefresher::new(store.clone(), metrics.clone()).run(background_stop.clone()));
 
     let member = MemberInfo {
         member_id: config.member_id.clone(),
@@ -144,7 +173,9 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: Cancella
         None => {
             let view = ClusterView::single_node(member, shard_count);
             background.spawn(
-                LeaderChores::new(view.clone(), store.clone(), config.reaper, None).run(background_stop.clone()),
+                LeaderChores::new(view.clone(), store.clone(), config.reaper, None)
+                    .with_metrics(metrics.clone())
+                    .run(background_stop.clone()),
             );
             view
         }
@@ -156,6 +187,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: Cancella
                 store: store.clone(),
                 reaper: config.reaper,
                 freeze: config.keep_alive_freeze.clone(),
+                metrics: metrics.clone(),
             };
             background.spawn(coordination.run(background_stop.clone()));
             view
@@ -169,6 +201,16 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: Cancella
         limits: config.limits,
         cluster,
         watch_poll_interval: config.watch_poll_interval,
+        metrics,
+    });
+    metrics::register_opentelemetry(&shared);
+    let admin_stop = CancellationToken::new();
+    let admin = admin_listener.map(|admin_listener| {
+        let admin = AdminListener::new(admin_listener, shared.clone(), RecentErrors::global(), shutdown.clone());
+        if let Ok(address) = admin.local_addr() {
+            tracing::info!(%address, "admin HTTP listening");
+        }
+        tokio::spawn(admin.run(admin_stop.clone()))
     });
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -194,7 +236,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: Cancella
     let server = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .trace_fn(|request| tracing::info_span!("grpc", method = %request.uri().path()))
+        .trace_fn(crate::telemetry::rpc_span)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -213,6 +255,7 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: Cancella
         background_stop.cancel();
         background.close();
         background.wait().await;
+        stop_admin(admin, &admin_stop).await;
         store.pool().close().await;
         return match result {
             Ok(outcome) => outcome.map_err(Error::from),
@@ -237,7 +280,18 @@ pub async fn run(config: ServerConfig, listener: TcpListener, shutdown: Cancella
     background_stop.cancel();
     background.close();
     background.wait().await;
+    stop_admin(admin, &admin_stop).await;
     store.pool().close().await;
     tracing::info!("broker stopped");
     Ok(())
+}
+
+/// Stops the admin HTTP listener and waits for it.
+async fn stop_admin(admin: Option<tokio::task::JoinHandle<()>>, admin_stop: &CancellationToken) {
+    admin_stop.cancel();
+    if let Some(admin) = admin
+        && let Err(error) = admin.await
+    {
+        tracing::warn!(%error, "admin HTTP listener panicked");
+    }
 }

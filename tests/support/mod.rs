@@ -99,12 +99,16 @@ pub fn test_config(database_url: &str) -> ServerConfig {
         etcd: None,
         shard_count: None,
         keep_alive_freeze: Default::default(),
+        admin_listen: None,
     }
 }
 
 /// A running broker.
 pub struct TestBroker {
     pub address: SocketAddr,
+    /// The admin HTTP listener (health, metrics, status page), when started
+    /// with [`TestBroker::start_with_admin`].
+    pub admin_address: Option<SocketAddr>,
     pub database: TestDatabase,
     shutdown: CancellationToken,
     task: Option<JoinHandle<Result<(), workbroker_server::server::Error>>>,
@@ -124,9 +128,40 @@ impl TestBroker {
         let address = listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(workbroker_server::server::run(config, listener, shutdown.clone()));
-        let broker = Self { address, database, shutdown, task: Some(task) };
+        let broker = Self { address, admin_address: None, database, shutdown, task: Some(task) };
         broker.wait_ready().await?;
         Ok(broker)
+    }
+
+    /// A broker over a fresh database with its admin HTTP listener on a free port.
+    pub async fn start_with_admin() -> Result<Self> {
+        let database = TestDatabase::create().await?;
+        let config = test_config(&database.url);
+        Self::start_with_admin_config(database, config).await
+    }
+
+    /// A broker over `database` with `config` and its admin HTTP listener on a free port.
+    pub async fn start_with_admin_config(database: TestDatabase, config: ServerConfig) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let admin_address = admin_listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(workbroker_server::server::run_with_admin_listener(
+            config,
+            listener,
+            Some(admin_listener),
+            shutdown.clone(),
+        ));
+        let broker = Self { address, admin_address: Some(admin_address), database, shutdown, task: Some(task) };
+        broker.wait_ready().await?;
+        Ok(broker)
+    }
+
+    /// GETs `path` from the admin HTTP listener.
+    pub async fn admin_get(&self, path: &str) -> Result<HttpResponse> {
+        let address = self.admin_address.context("the broker has no admin listener; use start_with_admin")?;
+        http_get(address, path).await
     }
 
     /// Another broker replica over the same database.
@@ -456,4 +491,44 @@ pub fn expect_status<T: std::fmt::Debug>(result: Result<tonic::Response<T>, toni
         Ok(response) => anyhow::bail!("expected an error status, got {:?}", response.get_ref()),
         Err(status) => Ok(status),
     }
+}
+
+/// A plain HTTP/1.1 response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names in lower case.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The first header of that (lower-case) name.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(key, _)| key == name).map(|(_, value)| value.as_str())
+    }
+}
+
+/// A minimal HTTP/1.1 GET (`Connection: close`, body read to the end).
+pub async fn http_get(address: SocketAddr, path: &str) -> Result<HttpResponse> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(address))
+        .await
+        .context("connect timed out")??;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut raw))
+        .await
+        .context("response timed out")??;
+    let text = String::from_utf8(raw).context("response is not UTF-8")?;
+    let (head, body) = text.split_once("\r\n\r\n").context("response has no header end")?;
+    let mut lines = head.lines();
+    let status_line = lines.next().context("empty response")?;
+    let status = status_line.split_whitespace().nth(1).context("no status code")?.parse()?;
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(key, value)| (key.trim().to_ascii_lowercase(), value.trim().to_owned()))
+        .collect();
+    Ok(HttpResponse { status, headers, body: body.to_owned() })
 }

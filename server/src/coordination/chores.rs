@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use super::etcd::EtcdConfig;
 use super::rebalancer::Rebalancer;
 use super::{ClusterView, Leadership};
+use crate::admin::metrics::Metrics;
 use crate::reaper::{Reaper, ReaperConfig};
 use crate::store::Store;
 
@@ -19,11 +20,19 @@ pub struct LeaderChores {
     reaper: ReaperConfig,
     /// etcd access for the rebalancer; `None` on a single node (no map to keep).
     etcd: Option<(Client, EtcdConfig)>,
+    /// Where the reaper counts expiries.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl LeaderChores {
     pub fn new(view: Arc<ClusterView>, store: Store, reaper: ReaperConfig, etcd: Option<(Client, EtcdConfig)>) -> Self {
-        Self { view, store, reaper, etcd }
+        Self { view, store, reaper, etcd, metrics: None }
+    }
+
+    /// Lets the reaper count expiries into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub async fn run(self, shutdown: CancellationToken) {
@@ -34,7 +43,10 @@ impl LeaderChores {
                 let stop = shutdown.child_token();
                 let tasks = TaskTracker::new();
                 tasks.spawn(
-                    Reaper::new(self.store.clone(), self.reaper).with_leader_term(term.clone()).run(stop.clone()),
+                    Reaper::new(self.store.clone(), self.reaper)
+                        .with_leader_term(term.clone())
+                        .with_metrics(self.metrics.clone())
+                        .run(stop.clone()),
                 );
                 if let Some((client, config)) = &self.etcd {
                     tasks.spawn(

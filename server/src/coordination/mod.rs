@@ -238,6 +238,8 @@ pub struct EtcdCoordination {
     pub store: crate::store::Store,
     pub reaper: crate::reaper::ReaperConfig,
     pub freeze: lease::KeepAliveFreeze,
+    /// Where the reaper counts expiries.
+    pub metrics: Arc<crate::admin::metrics::Metrics>,
 }
 
 impl EtcdCoordination {
@@ -275,6 +277,7 @@ impl EtcdCoordination {
                 self.reaper,
                 Some((client, self.config.clone())),
             )
+            .with_metrics(self.metrics.clone())
             .run(shutdown.clone()),
         );
         tasks.close();

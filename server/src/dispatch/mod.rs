@@ -37,7 +37,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::admin::metrics::{JobEvent, Metrics};
+use crate::store::observe::ReturnedJob;
 use crate::store::{self, HeldLease, JobRecord, LeaseParams, Store};
+use crate::telemetry::{self, JobRef, JobStep};
 
 /// Shards a replica dispatches first, as published by the cluster view
 /// (`None`: no preference).
@@ -147,7 +150,27 @@ struct Registry {
     by_queue: HashMap<String, HashSet<StreamId>>,
     /// Every lease held by a local stream, by token.
     leases: HashMap<Uuid, StreamId>,
+    /// Queue and trace context of each held lease (for metrics and spans of its settle).
+    lease_info: HashMap<Uuid, LeaseInfo>,
     next_id: StreamId,
+}
+
+impl Registry {
+    /// Drops a lease from the registry.
+    fn forget(&mut self, lease_token: &Uuid) {
+        self.leases.remove(lease_token);
+        self.lease_info.remove(lease_token);
+    }
+}
+
+/// What the dispatcher remembers of a lease it handed out, for the metrics
+/// and spans of whatever settles it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseInfo {
+    pub job_id: i64,
+    pub queue: Arc<str>,
+    /// The job's `traceparent` attribute.
+    pub traceparent: Option<Arc<str>>,
 }
 
 /// The per-replica dispatcher. Shared by the services and the listener.
@@ -159,6 +182,7 @@ pub struct Dispatcher {
     registry: Mutex<Registry>,
     changes: broadcast::Sender<i64>,
     leasing: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 /// Per-stream summary for status and logs.
@@ -172,6 +196,11 @@ pub struct StreamSummary {
 
 impl Dispatcher {
     pub fn new(store: Store) -> Arc<Self> {
+        Self::with_metrics(store, Metrics::new())
+    }
+
+    /// A dispatcher that counts leases and releases into `metrics`.
+    pub fn with_metrics(store: Store, metrics: Arc<Metrics>) -> Arc<Self> {
         let (changes, _) = broadcast::channel(4096);
         Arc::new(Self {
             store,
@@ -179,7 +208,57 @@ impl Dispatcher {
             registry: Mutex::new(Registry::default()),
             changes,
             leasing: CancellationToken::new(),
+            metrics,
         })
+    }
+
+    /// Queue and trace context of held leases (`None` for leases no local
+    /// stream holds). Call before the settle frees them.
+    pub fn lease_infos(&self, leases: &[HeldLease]) -> Vec<Option<LeaseInfo>> {
+        let registry = self.registry();
+        leases
+            .iter()
+            .map(|lease| {
+                registry.lease_info.get(&lease.lease_token).filter(|info| info.job_id == lease.job_id).cloned()
+            })
+            .collect()
+    }
+
+    /// Counts and traces jobs handed back by a release.
+    fn record_released(&self, returned: &[ReturnedJob]) {
+        self.metrics.add_by_queue(JobEvent::Released, returned.iter().map(|job| job.queue.as_str()));
+        self.metrics.add_by_queue(JobEvent::Dead, returned.iter().filter(|job| job.dead).map(|job| job.queue.as_str()));
+        telemetry::record_job_steps(
+            JobStep::Release,
+            returned.iter().map(|job| JobRef {
+                job_id: job.id,
+                queue: &job.queue,
+                traceparent: job.traceparent.as_deref(),
+            }),
+        );
+    }
+
+    /// Counts and traces freshly leased jobs, with their enqueue-to-lease latency.
+    fn record_leased(&self, jobs: &[JobRecord]) {
+        let now = chrono::Utc::now();
+        let mut by_queue: Vec<(&str, Vec<&JobRecord>)> = Vec::new();
+        for job in jobs {
+            match by_queue.iter_mut().find(|(queue, _)| *queue == job.queue) {
+                Some((_, queue_jobs)) => queue_jobs.push(job),
+                None => by_queue.push((job.queue.as_str(), vec![job])),
+            }
+        }
+        for (queue, queue_jobs) in by_queue {
+            let counters = self.metrics.queue(queue);
+            counters.add(JobEvent::Leased, queue_jobs.len() as u64);
+            for job in queue_jobs {
+                counters.lease_latency.observe((now - job.run_at).to_std().unwrap_or_default());
+            }
+        }
+        telemetry::record_job_steps(
+            JobStep::Lease,
+            jobs.iter().map(|job| JobRef { job_id: job.id, queue: &job.queue, traceparent: traceparent_of(job) }),
+        );
     }
 
     /// Dispatches first from the shards this receiver names (the cluster
@@ -247,16 +326,18 @@ impl Dispatcher {
             let held: Vec<HeldLease> =
                 state.held.drain().map(|(lease_token, job_id)| HeldLease { job_id, lease_token }).collect();
             for lease in &held {
-                registry.leases.remove(&lease.lease_token);
+                registry.forget(&lease.lease_token);
             }
             held
         };
         if held.is_empty() {
             return;
         }
-        match self.store.jobs_release_many(&held, reason).await {
+        match self.store.jobs_release_many_returning(&held, reason).await {
             Ok(returned) => {
-                tracing::info!(worker_id = %stream.filter.worker_id, requeued = returned.requeued, dead = returned.dead, "released leases of a closed stream");
+                let dead = returned.iter().filter(|job| job.dead).count();
+                tracing::info!(worker_id = %stream.filter.worker_id, requeued = returned.len() - dead, dead, "released leases of a closed stream");
+                self.record_released(&returned);
                 self.publish_changes(held.iter().map(|lease| lease.job_id));
             }
             Err(error) => {
@@ -303,14 +384,14 @@ impl Dispatcher {
                     continue;
                 };
                 let Some(stream) = registry.streams.get(&stream_id).cloned() else {
-                    registry.leases.remove(&lease.lease_token);
+                    registry.forget(&lease.lease_token);
                     continue;
                 };
                 let mut state = stream.state();
                 if state.held.get(&lease.lease_token) == Some(&lease.job_id) {
                     state.held.remove(&lease.lease_token);
                     drop(state);
-                    registry.leases.remove(&lease.lease_token);
+                    registry.forget(&lease.lease_token);
                     woken.push(stream);
                 } else {
                     drop(state);
@@ -340,7 +421,7 @@ impl Dispatcher {
                 return false;
             }
             drop(state);
-            registry.leases.remove(&lease_token);
+            registry.forget(&lease_token);
             stream
         };
         let _ = stream.events.send(StreamEvent::Cancelled { job_id, lease_token });
@@ -496,11 +577,20 @@ impl Dispatcher {
                     if let Some(token) = job.lease_token {
                         state.held.insert(token, job.id);
                         registry.leases.insert(token, stream.id);
+                        registry.lease_info.insert(
+                            token,
+                            LeaseInfo {
+                                job_id: job.id,
+                                queue: Arc::from(job.queue.as_str()),
+                                traceparent: traceparent_of(job).map(Arc::from),
+                            },
+                        );
                     }
                 }
                 true
             }
         };
+        self.record_leased(&jobs);
         self.publish_changes(jobs.iter().map(|job| job.id));
         if !accepted || stream.events.send(StreamEvent::Leased(jobs.clone())).is_err() {
             // The stream closed while we leased: hand the jobs straight back.
@@ -513,10 +603,12 @@ impl Dispatcher {
                 let mut state = stream.state();
                 for lease in &leases {
                     state.held.remove(&lease.lease_token);
-                    registry.leases.remove(&lease.lease_token);
+                    registry.forget(&lease.lease_token);
                 }
             }
-            self.store.jobs_release_many(&leases, "lease released: worker stream closed").await?;
+            let returned =
+                self.store.jobs_release_many_returning(&leases, "lease released: worker stream closed").await?;
+            self.record_released(&returned);
         } else {
             for job in &jobs {
                 tracing::debug!(job_id = job.id, queue = %job.queue, kind = %job.kind, attempt = job.attempt, worker_id = %stream.filter.worker_id, "job leased");
@@ -535,4 +627,9 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// A job's `traceparent` attribute.
+fn traceparent_of(job: &JobRecord) -> Option<&str> {
+    job.attributes.get(telemetry::TRACEPARENT).and_then(serde_json::Value::as_str)
 }

@@ -16,6 +16,7 @@ use super::{Shared, convert, validate};
 use crate::dispatch::listener::cancel_payload;
 use crate::dispatch::{LeaseFilter, LeaseStream, StreamEvent};
 use crate::store::{self, AckItem, CancelResult, ExtendItem, LEASES_CHANNEL, NackItem, SettleOutcome};
+use crate::telemetry::{self, JobRef, JobStep};
 
 /// Requests one Ack or Nack stream may have in the batchers at once.
 const MAX_PIPELINED_SETTLES: usize = 1024;
@@ -230,8 +231,22 @@ impl Broker for BrokerService {
     async fn enqueue(&self, request: Request<v1::EnqueueRequest>) -> Result<Response<v1::EnqueueResponse>, Status> {
         let jobs = validate::enqueue(request.get_ref(), self.shared.limits)?;
         let count = jobs.len();
+        let mut queues: Vec<&str> = jobs.iter().map(|job| job.queue.as_str()).collect();
+        queues.sort_unstable();
+        queues.dedup();
+        telemetry::record_publish(&tracing::Span::current(), &queues, count);
         let enqueued = self.shared.batchers.enqueue.submit(jobs).await.map_err(Error::from)?;
         tracing::debug!(jobs = count, "enqueued");
+        telemetry::record_job_steps(
+            JobStep::Create,
+            request.get_ref().jobs.iter().zip(&enqueued).filter(|(_, record)| !record.deduplicated).map(
+                |(job, record)| JobRef {
+                    job_id: record.job_id,
+                    queue: &job.queue,
+                    traceparent: job.attributes.get(telemetry::TRACEPARENT).map(String::as_str),
+                },
+            ),
+        );
         Ok(Response::new(v1::EnqueueResponse {
             jobs: enqueued
                 .into_iter()

@@ -19,13 +19,15 @@ use tokio_util::task::TaskTracker;
 pub use admin::AdminService;
 pub use broker::BrokerService;
 
+use crate::admin::metrics::{JobEvent, Metrics};
 use crate::coordination::ClusterView;
-use crate::dispatch::Dispatcher;
 use crate::dispatch::batcher::{Batcher, BatcherLimits, batcher};
 use crate::dispatch::listener::settled_payloads;
+use crate::dispatch::{Dispatcher, LeaseInfo};
 use crate::store::{
     AckItem, EnqueuedRecord, HeldLease, LEASES_CHANNEL, NackItem, NackResult, NewJobRecord, SettleOutcome, Store,
 };
+use crate::telemetry::{self, JobRef, JobStep};
 
 /// The group-commit batchers of the hot path.
 #[derive(Clone)]
@@ -61,6 +63,7 @@ impl Batchers {
         settings: BatcherSettings,
         tracker: &TaskTracker,
         shutdown: &CancellationToken,
+        metrics: &Arc<Metrics>,
     ) -> Self {
         let enqueue_limits = BatcherLimits {
             max_batch_weight: settings.max_enqueue_batch,
@@ -74,16 +77,26 @@ impl Batchers {
         };
 
         let enqueue_store = store.clone();
+        let enqueue_metrics = metrics.clone();
         let (enqueue, enqueue_loop) = batcher(
             "enqueue",
             enqueue_limits,
             |request: &Vec<NewJobRecord>| request.len(),
             move |requests: Vec<Vec<NewJobRecord>>| {
                 let store = enqueue_store.clone();
+                let metrics = enqueue_metrics.clone();
                 async move {
                     let sizes: Vec<usize> = requests.iter().map(Vec::len).collect();
                     let jobs: Vec<NewJobRecord> = requests.into_iter().flatten().collect();
-                    let mut enqueued = store.jobs_enqueue_many(&jobs).await?.into_iter();
+                    let enqueued = store.jobs_enqueue_many(&jobs).await?;
+                    metrics.add_by_queue(
+                        JobEvent::Enqueued,
+                        jobs.iter()
+                            .zip(&enqueued)
+                            .filter(|(_, record)| !record.deduplicated)
+                            .map(|(job, _)| job.queue.as_str()),
+                    );
+                    let mut enqueued = enqueued.into_iter();
                     Ok(sizes.into_iter().map(|size| enqueued.by_ref().take(size).collect()).collect())
                 }
             },
@@ -91,6 +104,7 @@ impl Batchers {
 
         let ack_store = store.clone();
         let ack_dispatcher = dispatcher.clone();
+        let ack_metrics = metrics.clone();
         let (ack, ack_loop) = batcher(
             "ack",
             settle_limits,
@@ -98,13 +112,18 @@ impl Batchers {
             move |items: Vec<AckItem>| {
                 let store = ack_store.clone();
                 let dispatcher = ack_dispatcher.clone();
+                let metrics = ack_metrics.clone();
                 async move {
                     let outcomes = store.jobs_ack_many(&items).await?;
                     let leases: Vec<HeldLease> = items
                         .iter()
                         .map(|item| HeldLease { job_id: item.job_id, lease_token: item.lease_token })
                         .collect();
+                    let settled: Vec<(bool, bool)> =
+                        outcomes.iter().map(|outcome| (*outcome == SettleOutcome::Ok, false)).collect();
+                    let infos = dispatcher.lease_infos(&leases);
                     settle(&store, &dispatcher, &leases).await;
+                    record_settled(&store, &metrics, JobStep::Ack, &leases, &settled, infos);
                     Ok(outcomes)
                 }
             },
@@ -112,6 +131,7 @@ impl Batchers {
 
         let nack_store = store.clone();
         let nack_dispatcher = dispatcher.clone();
+        let nack_metrics = metrics.clone();
         let (nack, nack_loop) = batcher(
             "nack",
             settle_limits,
@@ -119,13 +139,22 @@ impl Batchers {
             move |items: Vec<NackItem>| {
                 let store = nack_store.clone();
                 let dispatcher = nack_dispatcher.clone();
+                let metrics = nack_metrics.clone();
                 async move {
                     let results = store.jobs_nack_many(&items).await?;
                     let leases: Vec<HeldLease> = items
                         .iter()
                         .map(|item| HeldLease { job_id: item.job_id, lease_token: item.lease_token })
                         .collect();
+                    let settled: Vec<(bool, bool)> = results
+                        .iter()
+                        .map(|result| {
+                            (result.outcome == SettleOutcome::Ok, result.next_state == Some(crate::store::state::DEAD))
+                        })
+                        .collect();
+                    let infos = dispatcher.lease_infos(&leases);
                     settle(&store, &dispatcher, &leases).await;
+                    record_settled(&store, &metrics, JobStep::Nack, &leases, &settled, infos);
                     Ok(results)
                 }
             },
@@ -150,6 +179,74 @@ async fn settle(store: &Store, dispatcher: &Dispatcher, leases: &[HeldLease]) {
     dispatcher.publish_changes(leases.iter().map(|lease| lease.job_id));
 }
 
+/// Counts and traces the settles of one ack or nack batch. `settled` is, per
+/// lease, whether it settled (current token) and whether the job went DEAD.
+/// Queue and trace context come from the local dispatcher; leases held on
+/// another replica are looked up in the database off the response path.
+fn record_settled(
+    store: &Store,
+    metrics: &Arc<Metrics>,
+    step: JobStep,
+    leases: &[HeldLease],
+    settled: &[(bool, bool)],
+    infos: Vec<Option<LeaseInfo>>,
+) {
+    let event = if step == JobStep::Ack { JobEvent::Acked } else { JobEvent::Nacked };
+    let mut known: Vec<(LeaseInfo, bool)> = Vec::new();
+    let mut unknown: Vec<(i64, bool)> = Vec::new();
+    for ((lease, (ok, dead)), info) in leases.iter().zip(settled).zip(infos) {
+        if !ok {
+            continue;
+        }
+        match info {
+            Some(info) => known.push((info, *dead)),
+            None => unknown.push((lease.job_id, *dead)),
+        }
+    }
+    let record = move |metrics: &Metrics, jobs: &[(LeaseInfo, bool)]| {
+        metrics.add_by_queue(event, jobs.iter().map(|(info, _)| &*info.queue));
+        metrics.add_by_queue(JobEvent::Dead, jobs.iter().filter(|(_, dead)| *dead).map(|(info, _)| &*info.queue));
+        telemetry::record_job_steps(
+            step,
+            jobs.iter().map(|(info, _)| JobRef {
+                job_id: info.job_id,
+                queue: &info.queue,
+                traceparent: info.traceparent.as_deref(),
+            }),
+        );
+    };
+    record(metrics, &known);
+    if unknown.is_empty() {
+        return;
+    }
+    let store = store.clone();
+    let metrics = metrics.clone();
+    let span = tracing::Span::current();
+    tokio::spawn(async move {
+        let ids: Vec<i64> = unknown.iter().map(|(job_id, _)| *job_id).collect();
+        let dead_by_id: std::collections::HashMap<i64, bool> = unknown.into_iter().collect();
+        match store.jobs_trace_info(&ids).await {
+            Ok(found) => {
+                let jobs: Vec<(LeaseInfo, bool)> = found
+                    .into_iter()
+                    .map(|job| {
+                        let dead = dead_by_id.get(&job.id).copied().unwrap_or(false);
+                        let info = LeaseInfo {
+                            job_id: job.id,
+                            queue: Arc::from(job.queue),
+                            traceparent: job.traceparent.map(Arc::from),
+                        };
+                        (info, dead)
+                    })
+                    .collect();
+                let _entered = span.enter();
+                record(&metrics, &jobs);
+            }
+            Err(error) => tracing::debug!(%error, jobs = ids.len(), "cannot look up settled jobs for metrics"),
+        }
+    });
+}
+
 /// What both services share.
 pub struct Shared {
     pub store: Store,
@@ -159,4 +256,6 @@ pub struct Shared {
     pub cluster: Arc<ClusterView>,
     /// How often WatchJob re-reads a job changed by another replica.
     pub watch_poll_interval: Duration,
+    /// Prometheus and OpenTelemetry metrics of this broker.
+    pub metrics: Arc<Metrics>,
 }

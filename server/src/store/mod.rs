@@ -14,6 +14,7 @@
 
 mod error;
 mod jobs;
+pub mod observe;
 mod queues;
 
 use std::time::Duration;
