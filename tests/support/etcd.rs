@@ -29,12 +29,11 @@ fn free_port() -> Result<u16> {
 impl TestEtcd {
     /// The environment's etcd if `ETCD_ENDPOINTS` is set, else a new local one.
     pub async fn start() -> Result<Self> {
-        if let Ok(endpoints) = std::env::var("ETCD_ENDPOINTS") {
-            if let Some(endpoint) = endpoints.split(',').map(str::trim).find(|endpoint| !endpoint.is_empty()) {
-                let endpoint =
-                    if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
-                return Ok(Self { endpoint, child: None, data_dir: None, client_port: 0, peer_port: 0 });
-            }
+        if let Ok(endpoints) = std::env::var("ETCD_ENDPOINTS")
+            && let Some(endpoint) = endpoints.split(',').map(str::trim).find(|endpoint| !endpoint.is_empty())
+        {
+            let endpoint = if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") };
+            return Ok(Self { endpoint, child: None, data_dir: None, client_port: 0, peer_port: 0 });
         }
         Self::start_local().await
     }
@@ -85,10 +84,10 @@ impl TestEtcd {
 
     async fn wait_ready(&self) -> Result<()> {
         for _ in 0..200 {
-            if let Ok(mut client) = etcd_client::Client::connect([self.endpoint.as_str()], None).await {
-                if client.status().await.is_ok() {
-                    return Ok(());
-                }
+            if let Ok(mut client) = etcd_client::Client::connect([self.endpoint.as_str()], None).await
+                && client.status().await.is_ok()
+            {
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -174,10 +174,10 @@ impl TestBroker {
 
     async fn wait_ready(&self) -> Result<()> {
         for _ in 0..200 {
-            if let Ok(mut admin) = self.try_admin().await {
-                if admin.get_queue_stats(v1::GetQueueStatsRequest::default()).await.is_ok() {
-                    return Ok(());
-                }
+            if let Ok(mut admin) = self.try_admin().await
+                && admin.get_queue_stats(v1::GetQueueStatsRequest::default()).await.is_ok()
+            {
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }

@@ -57,10 +57,10 @@ impl BrokerProcess {
             .context("start the workbroker binary")?;
         let process = Self { member_id, address, child: Some(child) };
         for _ in 0..200 {
-            if let Ok(mut admin) = process.admin().await {
-                if admin.get_queue_stats(v1::GetQueueStatsRequest::default()).await.is_ok() {
-                    return Ok(process);
-                }
+            if let Ok(mut admin) = process.admin().await
+                && admin.get_queue_stats(v1::GetQueueStatsRequest::default()).await.is_ok()
+            {
+                return Ok(process);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
