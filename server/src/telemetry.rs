@@ -188,7 +188,8 @@ pub fn init_with(log_filter: EnvFilter, config: &TelemetryConfig) -> Result<Tele
     let otel_layer = guard.tracer_provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("workbroker"))
-            .with_filter(EnvFilter::new("workbroker_server=info"))
+            // Per-tick spans of the background loops would be one span a second of noise.
+            .with_filter(EnvFilter::new("workbroker_server=info,workbroker_server::reaper=warn"))
     });
     tracing_subscriber::registry()
         .with(tracing_subscriber::fmt::layer().with_target(false).with_filter(log_filter))
@@ -274,7 +275,12 @@ pub fn record_publish(span: &tracing::Span, queues: &[&str], message_count: usiz
     span.record("messaging.batch.message_count", message_count);
     if let [queue] = queues {
         span.record("messaging.destination.name", *queue);
-        span.record("otel.name", format!("workbroker publish {queue}"));
+        let name = format!("workbroker publish {queue}");
+        if traces_enabled() {
+            // The OpenTelemetry span has started by now: rename it directly.
+            span.context().span().update_name(name.clone());
+        }
+        span.record("otel.name", name);
     }
 }
 

@@ -11,4 +11,6 @@ mod reaper;
 mod resilience;
 mod retries;
 mod sql_enqueue;
+mod status_page;
+mod telemetry;
 mod watermark;

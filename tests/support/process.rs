@@ -37,6 +37,18 @@ pub struct BrokerProcess {
 impl BrokerProcess {
     /// Starts `workbroker serve` on a free loopback port.
     pub async fn start(database_url: &str, etcd_endpoint: &str, etcd_prefix: &str, ttl_seconds: u64) -> Result<Self> {
+        Self::start_with_env(database_url, etcd_endpoint, etcd_prefix, ttl_seconds, &[]).await
+    }
+
+    /// [`BrokerProcess::start`] with extra environment variables (they win
+    /// over the defaults; an empty `etcd_endpoint` runs the replica alone).
+    pub async fn start_with_env(
+        database_url: &str,
+        etcd_endpoint: &str,
+        etcd_prefix: &str,
+        ttl_seconds: u64,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let address = format!("127.0.0.1:{port}");
         let member_id = format!("replica-{port}");
@@ -51,6 +63,7 @@ impl BrokerProcess {
             .env("WORKBROKER_REAPER_INTERVAL_MS", "200")
             .env("WORKBROKER_SHUTDOWN_GRACE_SECONDS", "1")
             .env("WORKBROKER_LOG", std::env::var("WORKBROKER_TEST_LOG").unwrap_or_else(|_| "warn".to_owned()))
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

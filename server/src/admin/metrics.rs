@@ -397,19 +397,26 @@ pub fn render(shared: &Shared) -> String {
     for stats in &database.queues {
         sample(&mut out, watermark, &[("queue", &stats.queue)], stats.completed_watermark);
     }
+    // Families are always announced; samples appear once the first refresh read them.
+    let transaction_age = "workbroker_db_oldest_transaction_age_seconds";
+    header(
+        &mut out,
+        transaction_age,
+        "gauge",
+        "Age of the oldest open transaction of another session on the database; long ones stop vacuum.",
+    );
     if let Some(horizon) = &database.horizon {
-        gauge(
-            &mut out,
-            "workbroker_db_oldest_transaction_age_seconds",
-            "Age of the oldest open transaction of another session on the database; long ones stop vacuum.",
-            horizon.oldest_transaction_seconds,
-        );
-        gauge(
-            &mut out,
-            "workbroker_db_xmin_horizon_age",
-            "Transactions between now and the oldest xmin holding back vacuum (sessions, slots, prepared).",
-            horizon.xmin_horizon_age,
-        );
+        sample(&mut out, transaction_age, &[], horizon.oldest_transaction_seconds);
+    }
+    let xmin_age = "workbroker_db_xmin_horizon_age";
+    header(
+        &mut out,
+        xmin_age,
+        "gauge",
+        "Transactions between now and the oldest xmin or transaction id holding back vacuum (sessions, slots, prepared).",
+    );
+    if let Some(horizon) = &database.horizon {
+        sample(&mut out, xmin_age, &[], horizon.xmin_horizon_age);
     }
     if let Some(refreshed_at) = database.refreshed_at {
         gauge(

@@ -339,7 +339,7 @@ fn render_database(page: &mut String, shared: &Shared) {
                 age = badge(class, &human_age(age)),
                 xmin = horizon.xmin_horizon_age,
             );
-            if let Some(holder) = &horizon.oldest_holder {
+            if let Some(holder) = horizon.oldest_holder.as_ref().filter(|holder| holder.transaction_seconds >= 1.0) {
                 let _ = write!(
                     page,
                     "<p class=\"muted\">held by pid {pid} (<code>{application}</code>, {state}). Long transactions \

@@ -20,8 +20,9 @@ use super::{HeldLease, Result, Store};
 pub struct DatabaseHorizon {
     /// Age of the oldest open transaction of another session on this database, in seconds.
     pub oldest_transaction_seconds: f64,
-    /// Transactions between now and the oldest xmin that holds back vacuum
-    /// (other sessions of this database, replication slots, prepared transactions).
+    /// Transactions between now and the oldest xmin or running transaction id
+    /// that holds back vacuum (other sessions of this database, replication
+    /// slots, prepared transactions).
     pub xmin_horizon_age: i64,
     /// The session with the oldest open transaction, if any.
     pub oldest_holder: Option<TransactionHolder>,
@@ -130,7 +131,7 @@ impl Store {
     pub async fn health_database_horizon(&self) -> Result<DatabaseHorizon> {
         let row = sqlx::query_as::<_, HorizonRow>(
             "WITH sessions AS ( \
-                 SELECT a.pid, a.application_name, a.state, a.xact_start, a.backend_xmin \
+                 SELECT a.pid, a.application_name, a.state, a.xact_start, a.backend_xmin, a.backend_xid \
                    FROM pg_stat_activity a \
                   WHERE a.pid <> pg_backend_pid() AND a.datname = current_database()), \
              oldest AS ( \
@@ -138,7 +139,7 @@ impl Store {
                   WHERE s.xact_start IS NOT NULL ORDER BY s.xact_start LIMIT 1) \
              SELECT extract(epoch FROM now() - (SELECT xact_start FROM oldest))::float8 \
                         AS oldest_transaction_seconds, \
-                    greatest((SELECT max(age(s.backend_xmin)) FROM sessions s), \
+                    greatest((SELECT max(greatest(age(s.backend_xmin), age(s.backend_xid))) FROM sessions s), \
                              (SELECT max(age(r.xmin)) FROM pg_replication_slots r), \
                              (SELECT max(age(r.catalog_xmin)) FROM pg_replication_slots r), \
                              (SELECT max(age(p.transaction)) FROM pg_prepared_xacts p))::bigint \
