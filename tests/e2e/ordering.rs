@@ -1,1 +1,270 @@
-//! TODO
+//! Ordering keys: one job per key at a time, in enqueue order; a job in
+//! backoff holds its key, a terminal one releases it.
+//!
+//! Upper bounds here are 3 s: the dispatcher re-checks idle streams every
+//! 5 s on its own, so a successor arriving within 3 s shows it was pushed
+//! because its predecessor finished, not found by the periodic re-check.
+//!
+//! Known broker bug (the ignored tests): when the head of a key reaches a
+//! terminal state (ack, dead nack, cancel), nothing tells the dispatchers
+//! that its successor became available — `jobs_ack_many`, the dead branch of
+//! `jobs_nack_many` and `job_cancel` in `server/src/store/jobs.rs` send no
+//! `pg_notify('workbroker_jobs', queue)`, and a stream that came back short
+//! from its last lease ("dry") only looks again on a notification, a due
+//! time or the 5 s idle re-check. So the successor waits up to 5 s (longer
+//! when a scheduled job of the queue is due later: the idle re-check is then
+//! replaced by the due time in `Dispatcher::lease_loop`). The first test
+//! checks the ordering rules themselves with a fresh stream per step, which
+//! leases at once and so does not depend on the push.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use tonic::transport::Channel;
+use workbroker_api::v1;
+use workbroker_api::v1::broker_client::BrokerClient;
+use workbroker_tests::*;
+
+const WAIT: Duration = Duration::from_secs(3);
+const QUIET: Duration = Duration::from_millis(400);
+
+/// Takes one job and checks which one it is.
+async fn expect_next(worker: &mut Worker, expected_id: &str) -> Result<v1::LeasedJob> {
+    let job = worker.take_jobs(1, WAIT).await?.remove(0);
+    anyhow::ensure!(id_of(&job) == expected_id, "expected job {expected_id}, got {}", id_of(&job));
+    Ok(job)
+}
+
+/// Opens a new stream (which leases at once), checks it receives exactly
+/// `expected_ids` in any order and nothing more, and returns the leases.
+async fn fresh_stream_gets(
+    client: &mut BrokerClient<Channel>,
+    queue: &str,
+    expected_ids: &[&str],
+) -> Result<(Worker, Vec<v1::LeasedJob>)> {
+    let mut worker = Worker::on(client, &[queue], 10).await?;
+    let jobs = worker.take_jobs(expected_ids.len(), WAIT).await?;
+    let mut got: Vec<String> = jobs.iter().map(id_of).collect();
+    got.sort();
+    let mut expected: Vec<String> = expected_ids.iter().map(|id| (*id).to_owned()).collect();
+    expected.sort();
+    anyhow::ensure!(got == expected, "expected {expected:?}, got {got:?}");
+    worker.expect_quiet(QUIET).await?;
+    Ok((worker, jobs))
+}
+
+fn lease_of<'a>(jobs: &'a [v1::LeasedJob], job_id: &str) -> Result<&'a v1::LeasedJob> {
+    jobs.iter().find(|job| id_of(job) == job_id).ok_or_else(|| anyhow::anyhow!("job {job_id} was not leased"))
+}
+
+async fn cancel(client: &mut BrokerClient<Channel>, job_id: &str) -> Result<v1::Job> {
+    client
+        .cancel_job(v1::CancelJobRequest { job_id: job_id.to_owned() })
+        .await?
+        .into_inner()
+        .job
+        .ok_or_else(|| anyhow::anyhow!("CancelJob returned no job"))
+}
+
+#[tokio::test]
+async fn jobs_sharing_a_key_are_leased_one_at_a_time_in_enqueue_order() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let ids = enqueue(
+        &mut client,
+        vec![
+            keyed_job("ordered", "index", "a"),
+            keyed_job("ordered", "index", "a"),
+            keyed_job("ordered", "index", "a"),
+            keyed_job("ordered", "index", "b"),
+            new_job("ordered", "index"),
+        ],
+    )
+    .await?;
+    let (a1, a2, a3, b1, free) = (ids[0].as_str(), ids[1].as_str(), ids[2].as_str(), ids[3].as_str(), ids[4].as_str());
+
+    // A window of 10, yet only the head of each key and the keyless job.
+    let (worker, first) = fresh_stream_gets(&mut client, "ordered", &[a1, b1, free]).await?;
+    ack_all(&mut client, first.iter().map(ack_of).collect()).await?;
+    worker.close();
+
+    // Each later stream sees exactly the next job of key "a".
+    let (worker, second) = fresh_stream_gets(&mut client, "ordered", &[a2]).await?;
+    ack_all(&mut client, vec![ack_of(lease_of(&second, a2)?)]).await?;
+    worker.close();
+    let (worker, third) = fresh_stream_gets(&mut client, "ordered", &[a3]).await?;
+    ack_all(&mut client, vec![ack_of(lease_of(&third, a3)?)]).await?;
+    worker.close();
+
+    let mut admin = broker.admin().await;
+    let stats = stats_of(&mut admin, "ordered").await?;
+    assert_eq!(stats.completed, 5);
+    assert_eq!(stats.completed_watermark, 5);
+    broker.finish().await
+}
+
+#[tokio::test]
+async fn a_job_in_backoff_holds_its_key() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let ids = enqueue(
+        &mut client,
+        vec![keyed_job("held", "index", "crate:serde"), keyed_job("held", "index", "crate:serde")],
+    )
+    .await?;
+    let mut worker = Worker::on(&mut client, &["held"], 10).await?;
+    let a1 = expect_next(&mut worker, &ids[0]).await?;
+    worker.expect_quiet(Duration::from_millis(200)).await?;
+
+    let mut nack = nack_of(&a1, "index locked");
+    nack.retry_after = Some(seconds(0.3));
+    let nacks = nack_all(&mut client, vec![nack]).await?;
+    assert_eq!(nacks[0].next_state, v1::JobState::Scheduled as i32);
+
+    // A1 waits out its 300 ms; A2 must not overtake it, though the stream
+    // has free slots and A2 is AVAILABLE.
+    let again = worker.take_jobs(1, WAIT).await?.remove(0);
+    assert_eq!(id_of(&again), ids[0], "A1 comes back before A2");
+    assert_eq!(again.attempt, 2);
+    worker.expect_quiet(QUIET).await?;
+    assert_eq!(state_of(&mut client, &ids[1]).await?, v1::JobState::Available);
+
+    ack_all(&mut client, vec![ack_of(&again)]).await?;
+    worker.close();
+    fresh_stream_gets(&mut client, "held", &[&ids[1]]).await?;
+    broker.finish().await
+}
+
+#[tokio::test]
+async fn a_dead_job_releases_its_key() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let ids =
+        enqueue(&mut client, vec![keyed_job("poisoned", "index", "a"), keyed_job("poisoned", "index", "a")]).await?;
+    let (worker, first) = fresh_stream_gets(&mut client, "poisoned", &[&ids[0]]).await?;
+    let mut nack = nack_of(&first[0], "cannot parse");
+    nack.permanent = true;
+    let nacks = nack_all(&mut client, vec![nack]).await?;
+    assert_eq!(nacks[0].next_state, v1::JobState::Dead as i32);
+    worker.close();
+    fresh_stream_gets(&mut client, "poisoned", &[&ids[1]]).await?;
+    broker.finish().await
+}
+
+#[tokio::test]
+async fn cancelling_the_head_of_a_key_releases_it() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let ids = enqueue(
+        &mut client,
+        vec![
+            keyed_job("cancelled-head", "index", "a"),
+            keyed_job("cancelled-head", "index", "a"),
+            keyed_job("cancelled-head", "index", "a"),
+        ],
+    )
+    .await?;
+    let (mut worker, first) = fresh_stream_gets(&mut client, "cancelled-head", &[&ids[0]]).await?;
+    let cancelled = cancel(&mut client, &ids[0]).await?;
+    assert_eq!(cancelled.state, v1::JobState::Cancelled as i32);
+    let notice = worker.take_cancel_notice(WAIT).await?;
+    assert_eq!(notice.job_id, ids[0]);
+    assert_eq!(notice.lease_token, first[0].lease_token);
+    worker.close();
+    fresh_stream_gets(&mut client, "cancelled-head", &[&ids[1]]).await?;
+    broker.finish().await
+}
+
+#[tokio::test]
+async fn cancelling_a_waiting_head_releases_its_key() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    // The head is delayed (SCHEDULED) and blocks its successor until cancelled.
+    let mut head = keyed_job("waiting-head", "index", "a");
+    head.delay = Some(seconds(60.0));
+    let ids = enqueue(&mut client, vec![head, keyed_job("waiting-head", "index", "a")]).await?;
+    let (worker, _) = fresh_stream_gets(&mut client, "waiting-head", &[]).await?;
+    worker.close();
+    cancel(&mut client, &ids[0]).await?;
+    fresh_stream_gets(&mut client, "waiting-head", &[&ids[1]]).await?;
+    broker.finish().await
+}
+
+// The same releases, observed by the stream that is already waiting: the
+// successor must be pushed to it, as for any job that becomes available.
+
+#[tokio::test]
+#[ignore = "broker bug: acking the head of an ordering key does not wake dispatchers; the successor waits for the 5 s idle re-check"]
+async fn a_waiting_stream_gets_the_successor_pushed_when_the_head_is_acked() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let ids = enqueue(
+        &mut client,
+        vec![
+            keyed_job("push-ack", "index", "a"),
+            keyed_job("push-ack", "index", "a"),
+            keyed_job("push-ack", "index", "a"),
+            keyed_job("push-ack", "index", "b"),
+            new_job("push-ack", "index"),
+        ],
+    )
+    .await?;
+    let mut worker = Worker::on(&mut client, &["push-ack"], 10).await?;
+    let first = worker.take_jobs(3, WAIT).await?;
+    worker.expect_quiet(QUIET).await?;
+    ack_all(&mut client, vec![ack_of(lease_of(&first, &ids[0])?)]).await?;
+    let a2 = expect_next(&mut worker, &ids[1]).await?;
+    worker.expect_quiet(QUIET).await?;
+    ack_all(&mut client, vec![ack_of(&a2)]).await?;
+    expect_next(&mut worker, &ids[2]).await?;
+    broker.finish().await
+}
+
+#[tokio::test]
+#[ignore = "broker bug: a dead nack of the head of an ordering key does not wake dispatchers; the successor waits for the 5 s idle re-check"]
+async fn a_waiting_stream_gets_the_successor_pushed_when_the_head_dies() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let ids =
+        enqueue(&mut client, vec![keyed_job("push-dead", "index", "a"), keyed_job("push-dead", "index", "a")]).await?;
+    let mut worker = Worker::on(&mut client, &["push-dead"], 10).await?;
+    let a1 = expect_next(&mut worker, &ids[0]).await?;
+    worker.expect_quiet(Duration::from_millis(200)).await?;
+    let mut nack = nack_of(&a1, "cannot parse");
+    nack.permanent = true;
+    nack_all(&mut client, vec![nack]).await?;
+    expect_next(&mut worker, &ids[1]).await?;
+    broker.finish().await
+}
+
+#[tokio::test]
+#[ignore = "broker bug: cancelling the head of an ordering key does not wake dispatchers; the successor waits for the idle re-check (or the head's due time)"]
+async fn a_waiting_stream_gets_the_successor_pushed_when_the_head_is_cancelled() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    // Key "a": a leased head. Key "b": a head delayed for a minute.
+    let mut delayed_head = keyed_job("push-cancel", "index", "b");
+    delayed_head.delay = Some(seconds(60.0));
+    let ids = enqueue(
+        &mut client,
+        vec![
+            keyed_job("push-cancel", "index", "a"),
+            keyed_job("push-cancel", "index", "a"),
+            delayed_head,
+            keyed_job("push-cancel", "index", "b"),
+        ],
+    )
+    .await?;
+    let mut worker = Worker::on(&mut client, &["push-cancel"], 10).await?;
+    let a1 = expect_next(&mut worker, &ids[0]).await?;
+    worker.expect_quiet(Duration::from_millis(200)).await?;
+
+    cancel(&mut client, &ids[0]).await?;
+    let notice = worker.take_cancel_notice(WAIT).await?;
+    assert_eq!(notice.lease_token, a1.lease_token);
+    expect_next(&mut worker, &ids[1]).await?;
+
+    cancel(&mut client, &ids[2]).await?;
+    expect_next(&mut worker, &ids[3]).await?;
+    broker.finish().await
+}

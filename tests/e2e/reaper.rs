@@ -1,1 +1,197 @@
-//! TODO
+//! The reaper, driven directly through the server library: expired leases
+//! come back exactly once even with two reapers racing, acked jobs are never
+//! touched, and finished jobs are pruned after their queue's retention.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use workbroker_api::v1;
+use workbroker_server::reaper::{Reaper, ReaperConfig, ReaperCounts};
+use workbroker_server::store::{AckItem, LeaseParams, SettleOutcome, Store};
+use workbroker_tests::*;
+
+/// A broker whose own reaper stays out of the way (it ticks once at start,
+/// then not for an hour), over a fresh database.
+async fn broker_without_reaper() -> Result<TestBroker> {
+    let database = TestDatabase::create().await?;
+    let config = config_without_reaper(&database.url);
+    TestBroker::start_with(database, config).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_reapers_racing_return_each_expired_lease_exactly_once() -> Result<()> {
+    let broker = broker_without_reaper().await?;
+    let mut client = broker.broker().await;
+    let ids = enqueue(&mut client, (0..200).map(|_| new_job("reaped", "k")).collect()).await?;
+    assert_eq!(ids.len(), 200);
+
+    let store = Store::from_pool(broker.database.pool().await?);
+    let queues = vec!["reaped".to_owned()];
+    let leased = store
+        .jobs_lease(&LeaseParams {
+            queues: &queues,
+            kinds: &[],
+            limit: 200,
+            lease_duration: None,
+            worker_id: "reaper-test",
+            shards: None,
+        })
+        .await?;
+    assert_eq!(leased.len(), 200);
+    assert!(leased.iter().all(|job| job.attempt == 1));
+
+    let acked: Vec<AckItem> = leased
+        .iter()
+        .step_by(4)
+        .map(|job| {
+            Ok(AckItem {
+                job_id: job.id,
+                lease_token: job.lease_token.context("a leased job has a token")?,
+                result: Vec::new(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    assert_eq!(acked.len(), 50);
+    let outcomes = store.jobs_ack_many(&acked).await?;
+    assert!(outcomes.iter().all(|outcome| *outcome == SettleOutcome::Ok));
+    let acked_ids: HashSet<i64> = acked.iter().map(|item| item.job_id).collect();
+
+    let expired =
+        sqlx::query("UPDATE workbroker.jobs SET lease_expires_at = now() - interval '1 second' WHERE state = 3")
+            .execute(store.pool())
+            .await?
+            .rows_affected();
+    assert_eq!(expired, 150);
+
+    // Two reapers on their own pools, small batches so they interleave.
+    let config = ReaperConfig { interval: Duration::from_secs(3600), batch_size: 10 };
+    let first = Reaper::new(Store::from_pool(broker.database.pool().await?), config);
+    let second = Reaper::new(Store::from_pool(broker.database.pool().await?), config);
+    let (first_counts, second_counts) = tokio::join!(first.run_once(), second.run_once());
+    let (first_counts, second_counts) = (first_counts?, second_counts?);
+    assert_eq!(first_counts.requeued + second_counts.requeued, 150, "first {first_counts:?}, second {second_counts:?}");
+    assert_eq!(first_counts.dead + second_counts.dead, 0);
+
+    let mut admin = broker.admin().await;
+    let jobs = list_all_jobs(&mut admin, "reaped", v1::JobState::Unspecified).await?;
+    assert_eq!(jobs.len(), 200);
+    for job in &jobs {
+        let id: i64 = job.job_id.parse()?;
+        if acked_ids.contains(&id) {
+            assert_eq!(job.state, v1::JobState::Completed as i32, "{job:?}");
+        } else {
+            assert_eq!(job.state, v1::JobState::Available as i32, "{job:?}");
+            assert_eq!(job.attempt, 1);
+            assert_eq!(job.last_error, "lease expired");
+        }
+    }
+    let stats = stats_of(&mut admin, "reaped").await?;
+    assert_eq!((stats.completed, stats.available, stats.leased), (50, 150, 0));
+
+    let third = Reaper::new(store.clone(), config).run_once().await?;
+    assert_eq!(third, ReaperCounts::default());
+
+    // The stale tokens can settle nothing now.
+    let stale: Vec<AckItem> = leased
+        .iter()
+        .filter(|job| !acked_ids.contains(&job.id))
+        .take(5)
+        .map(|job| {
+            Ok(AckItem {
+                job_id: job.id,
+                lease_token: job.lease_token.context("a leased job has a token")?,
+                result: Vec::new(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    let outcomes = store.jobs_ack_many(&stale).await?;
+    assert!(outcomes.iter().all(|outcome| *outcome == SettleOutcome::StaleLease));
+    broker.finish().await
+}
+
+#[tokio::test]
+async fn an_expired_lease_on_its_last_attempt_goes_dead_once() -> Result<()> {
+    let broker = broker_without_reaper().await?;
+    let mut client = broker.broker().await;
+    let mut last_try = new_job("last", "k");
+    last_try.max_attempts = 1;
+    let ids = enqueue(&mut client, vec![last_try, new_job("last", "k")]).await?;
+    let mut worker = Worker::on(&mut client, &["last"], 2).await?;
+    worker.take_jobs(2, Duration::from_secs(3)).await?;
+
+    let store = Store::from_pool(broker.database.pool().await?);
+    sqlx::query("UPDATE workbroker.jobs SET lease_expires_at = now() - interval '1 second' WHERE state = 3")
+        .execute(store.pool())
+        .await?;
+    let config = ReaperConfig { interval: Duration::from_secs(3600), batch_size: 100 };
+    let counts = Reaper::new(store.clone(), config).run_once().await?;
+    assert_eq!((counts.requeued, counts.dead), (1, 1), "{counts:?}");
+    assert_eq!(state_of(&mut client, &ids[0]).await?, v1::JobState::Dead);
+    let dead = get_job(&mut client, &ids[0]).await?;
+    assert_eq!(dead.last_error, "lease expired");
+    let again = Reaper::new(store, config).run_once().await?;
+    assert_eq!((again.requeued, again.dead), (0, 0));
+    worker.close();
+    broker.finish().await
+}
+
+#[tokio::test]
+async fn finished_jobs_past_their_retention_are_pruned_but_dead_jobs_stay() -> Result<()> {
+    let broker = broker_without_reaper().await?;
+    let mut client = broker.broker().await;
+    let mut admin = broker.admin().await;
+    admin
+        .configure_queue(v1::ConfigureQueueRequest {
+            queue: "pruned".into(),
+            completed_retention: Some(seconds(0.0)),
+            ..Default::default()
+        })
+        .await?;
+    // A second queue keeps the default retention (an hour).
+    let kept = enqueue(&mut client, vec![new_job("retained", "k")]).await?;
+    let ids =
+        enqueue(&mut client, vec![new_job("pruned", "k"), new_job("pruned", "k"), new_job("pruned", "k")]).await?;
+
+    let mut worker = Worker::on(&mut client, &["pruned", "retained"], 4).await?;
+    let leased = worker.take_jobs(4, Duration::from_secs(3)).await?;
+    let mut acks = Vec::new();
+    let mut kill = Vec::new();
+    let mut cancel_id = None;
+    for job in &leased {
+        let id = id_of(job);
+        if id == ids[1] {
+            let mut nack = nack_of(job, "fatal");
+            nack.permanent = true;
+            kill.push(nack);
+        } else if id == ids[2] {
+            cancel_id = Some(id);
+        } else {
+            acks.push(ack_of(job));
+        }
+    }
+    ack_all(&mut client, acks).await?;
+    nack_all(&mut client, kill).await?;
+    let cancel_id = cancel_id.context("the third job was leased")?;
+    client.cancel_job(v1::CancelJobRequest { job_id: cancel_id.clone() }).await?;
+    assert_eq!(state_of(&mut client, &ids[0]).await?, v1::JobState::Completed);
+
+    let store = Store::from_pool(broker.database.pool().await?);
+    // finished_at < now() - 0 s: make sure the database clock has moved on.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let counts = Reaper::new(store.clone(), ReaperConfig { interval: Duration::from_secs(3600), batch_size: 100 })
+        .run_once()
+        .await?;
+    assert_eq!(counts.pruned, 2, "the completed and the cancelled job: {counts:?}");
+
+    for pruned in [&ids[0], &cancel_id] {
+        let status = expect_status(client.get_job(v1::GetJobRequest { job_id: pruned.clone() }).await)?;
+        assert_eq!(status.code(), tonic::Code::NotFound);
+    }
+    assert_eq!(state_of(&mut client, &ids[1]).await?, v1::JobState::Dead);
+    assert_eq!(state_of(&mut client, &kept[0]).await?, v1::JobState::Completed);
+    let stats = stats_of(&mut admin, "pruned").await?;
+    assert_eq!((stats.completed, stats.dead, stats.cancelled), (0, 1, 0));
+    assert_eq!(stats.completed_watermark, 3, "pruning does not move the watermark back");
+    broker.finish().await
+}
