@@ -212,7 +212,6 @@ async fn a_second_open_ends_the_stream_and_releases_its_leases() -> Result<()> {
 }
 
 #[tokio::test]
-#[ignore = "broker bug: the stream ends cleanly instead of with INVALID_ARGUMENT (lease_responses drops the end status)"]
 async fn a_second_open_is_answered_with_invalid_argument() -> Result<()> {
     let broker = TestBroker::start().await?;
     let mut client = broker.broker().await;

@@ -194,7 +194,6 @@ async fn cancelling_a_waiting_head_releases_its_key() -> Result<()> {
 // successor must be pushed to it, as for any job that becomes available.
 
 #[tokio::test]
-#[ignore = "broker bug: acking the head of an ordering key does not wake dispatchers; the successor waits for the 5 s idle re-check"]
 async fn a_waiting_stream_gets_the_successor_pushed_when_the_head_is_acked() -> Result<()> {
     let broker = TestBroker::start().await?;
     let mut client = broker.broker().await;
@@ -221,7 +220,6 @@ async fn a_waiting_stream_gets_the_successor_pushed_when_the_head_is_acked() -> 
 }
 
 #[tokio::test]
-#[ignore = "broker bug: a dead nack of the head of an ordering key does not wake dispatchers; the successor waits for the 5 s idle re-check"]
 async fn a_waiting_stream_gets_the_successor_pushed_when_the_head_dies() -> Result<()> {
     let broker = TestBroker::start().await?;
     let mut client = broker.broker().await;
@@ -238,7 +236,6 @@ async fn a_waiting_stream_gets_the_successor_pushed_when_the_head_dies() -> Resu
 }
 
 #[tokio::test]
-#[ignore = "broker bug: cancelling the head of an ordering key does not wake dispatchers; the successor waits for the idle re-check (or the head's due time)"]
 async fn a_waiting_stream_gets_the_successor_pushed_when_the_head_is_cancelled() -> Result<()> {
     let broker = TestBroker::start().await?;
     let mut client = broker.broker().await;

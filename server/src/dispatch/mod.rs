@@ -529,7 +529,9 @@ impl Dispatcher {
                     }
                 }
             }
-            let wake_at = due_at.unwrap_or_else(|| Instant::now() + IDLE_RECHECK);
+            // The idle re-check also bounds the wait for a far-off due time.
+            let recheck_at = Instant::now() + IDLE_RECHECK;
+            let wake_at = due_at.map_or(recheck_at, |due| due.min(recheck_at));
             tokio::select! {
                 () = stream.wake.notified() => {}
                 () = tokio::time::sleep_until(wake_at) => {

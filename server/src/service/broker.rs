@@ -114,7 +114,15 @@ fn lease_responses(
                         state.pending.push_back(Err(Status::unavailable("the broker is shutting down")));
                         state.finished = true;
                     }
-                    None => state.finished = true,
+                    None => {
+                        // The stream's task ended: deliver the status it left, if any.
+                        state.finished = true;
+                        if let Some(end) = state.end.take()
+                            && let Ok(Some(status)) = end.await
+                        {
+                            state.pending.push_back(Err(status));
+                        }
+                    }
                 },
                 ended = async { match end { Some(end) => end.await, None => std::future::pending().await } } => {
                     state.end = None;

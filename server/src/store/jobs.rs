@@ -85,7 +85,9 @@ macro_rules! return_leases {
             insert_finished!("killed", "5", "$2", "NULL"),
             " RETURNING queue), \
              notified AS ( \
-                 SELECT pg_notify('workbroker_jobs', queue) FROM (SELECT DISTINCT queue FROM requeued) q) \
+                 SELECT pg_notify('workbroker_jobs', queue) FROM ( \
+                     SELECT queue FROM requeued \
+                     UNION SELECT queue FROM killed WHERE ordering_key IS NOT NULL) q) \
              SELECT (SELECT count(*) FROM requeued) AS requeued, \
                     (SELECT count(*) FROM dead) AS dead, \
                     (SELECT count(*) FROM notified) AS notified"
@@ -399,7 +401,10 @@ impl Store {
                  RETURNING j.*, i.result AS ack_result), \
              moved AS (",
             insert_finished!("done", "4", "last_error", "nullif(ack_result, ''::bytea)"),
-            " RETURNING id, lease_token) \
+            " RETURNING id, lease_token), \
+             notified AS ( \
+                 SELECT pg_notify('workbroker_jobs', queue) \
+                   FROM (SELECT DISTINCT queue FROM done WHERE ordering_key IS NOT NULL) q) \
              SELECT CASE \
                  WHEN m.id IS NOT NULL THEN 1 \
                  WHEN EXISTS (SELECT 1 FROM workbroker.finished_jobs f \
@@ -409,6 +414,7 @@ impl Store {
                  ELSE 3 END::smallint \
                FROM input i \
                LEFT JOIN moved m ON m.id = i.id AND m.lease_token = i.token \
+              WHERE (SELECT count(*) FROM notified) >= 0 \
               ORDER BY i.position"
         ))
         .bind(&ids)
@@ -456,7 +462,9 @@ impl Store {
             insert_finished!("killed", "5", "nack_error", "NULL"),
             " RETURNING id, lease_token), \
              notified AS ( \
-                 SELECT pg_notify('workbroker_jobs', queue) FROM (SELECT DISTINCT queue FROM retried) r) \
+                 SELECT pg_notify('workbroker_jobs', queue) FROM ( \
+                     SELECT queue FROM retried \
+                     UNION SELECT queue FROM killed WHERE ordering_key IS NOT NULL) r) \
              SELECT CASE \
                       WHEN r.id IS NOT NULL OR d.id IS NOT NULL THEN 1 \
                       WHEN EXISTS (SELECT 1 FROM workbroker.jobs j WHERE j.id = i.id) \
@@ -594,10 +602,11 @@ impl Store {
             "WITH gone AS (DELETE FROM workbroker.jobs j WHERE j.id = $1 RETURNING j.*), \
              moved AS (",
             insert_finished!("gone", "6", "last_error", "NULL"),
-            " RETURNING *) \
+            " RETURNING *), \
+             notified AS (SELECT pg_notify('workbroker_jobs', queue) FROM gone WHERE ordering_key IS NOT NULL) \
              SELECT ",
             job_fields!(),
-            " FROM moved j"
+            " FROM moved j WHERE (SELECT count(*) FROM notified) >= 0"
         ))
         .bind(job_id)
         .fetch_optional(&self.pool)
