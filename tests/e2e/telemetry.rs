@@ -292,8 +292,11 @@ async fn health_and_readiness_answer_and_readiness_notices_missing_migrations() 
 #[derive(Clone, Default)]
 struct Collector {
     spans: Arc<Mutex<Vec<(String, Span)>>>,
-    metrics: Arc<Mutex<Vec<(String, f64, Vec<KeyValue>)>>>,
+    metrics: Arc<Mutex<Vec<MetricPoint>>>,
 }
+
+/// One received data point: metric name, value, attributes.
+type MetricPoint = (String, f64, Vec<KeyValue>);
 
 #[tonic::async_trait]
 impl TraceService for Collector {

@@ -536,8 +536,11 @@ pub fn register_opentelemetry(shared: &Arc<Shared>) {
     register_process_gauges(&meter, Arc::downgrade(shared));
 }
 
+/// An OpenTelemetry gauge read from the broker: name, description, reader.
+type ProcessGauge = (&'static str, &'static str, fn(&Shared) -> f64);
+
 fn register_process_gauges(meter: &opentelemetry::metrics::Meter, weak: Weak<Shared>) {
-    let gauges: [(&'static str, &'static str, fn(&Shared) -> f64); 6] = [
+    let gauges: [ProcessGauge; 6] = [
         ("workbroker.leases.in_flight", "Leases held by workers connected to this replica.", |shared| {
             shared.dispatcher.held_leases() as f64
         }),
