@@ -7,7 +7,7 @@
 //! balanced by tonic's `balance_list`). For TLS, enable one of tonic's TLS
 //! features in your own `Cargo.toml` (for example
 //! `tonic = { version = "0.14", features = ["tls-ring", "tls-native-roots"] }`),
-//! configure [`tonic::transport::Endpoint::tls_config`] on each endpoint and
+//! configure `Endpoint::tls_config` on each endpoint and
 //! pass them to [`Client::from_endpoints`] — or build any [`Channel`] you like
 //! and use [`Client::with_channel`]. The SDK itself does not pull a TLS stack.
 

@@ -213,7 +213,7 @@ impl WorkerBuilder {
     }
 
     /// Default per-job timeout (none by default; a handler's own
-    /// [`Handler::timeout`](super::Handler::timeout) wins).
+    /// [`Handler::timeout`] wins).
     pub fn job_timeout(mut self, timeout: Duration) -> Self {
         self.config.job_timeout = Some(timeout);
         self

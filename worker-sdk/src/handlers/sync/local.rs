@@ -17,7 +17,9 @@ use super::{BlobList, BlobStore, PutOutcome, StoreError};
 /// Name of the directory holding writes in progress.
 const TEMP_DIR: &str = ".tmp";
 
-/// A content-addressed directory; see the [module docs](self).
+/// A content-addressed directory: `<root>/<algorithm>/<first two hex
+/// digits>/<digest>`; writes land in `<root>/.tmp` and are renamed into
+/// place only once size and digest match.
 #[derive(Clone, Debug)]
 pub struct LocalDirStore {
     root: PathBuf,
