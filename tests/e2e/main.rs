@@ -7,6 +7,7 @@ mod cluster;
 mod discovery;
 mod lease_flow;
 mod ordering;
+mod python_worker;
 mod reaper;
 mod resilience;
 mod retries;
