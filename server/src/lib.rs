@@ -4,6 +4,7 @@
 //! wires every part together, so tests start a real broker on `127.0.0.1:0`.
 
 pub mod admin;
+pub mod cli;
 pub mod config;
 pub mod coordination;
 pub mod dispatch;

@@ -1,5 +1,10 @@
 //! `workbroker`: the broker binary. Parses configuration, sets up logging,
-//! and hands over to the library.
+//! and hands over to the library: `serve` and `migrate` run the broker, the
+//! client subcommands (`enqueue`, `stats`, `jobs`, ...) are
+//! [`workbroker_server::cli`].
+
+use std::io::Write;
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -8,11 +13,7 @@ use workbroker_server::config::{DatabaseArgs, ServeArgs};
 use workbroker_server::store::Store;
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "workbroker",
-    version,
-    about = "A gRPC work-distribution service on PostgreSQL"
-)]
+#[command(name = "workbroker", version, about = "A gRPC work-distribution service on PostgreSQL")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,6 +25,8 @@ enum Command {
     Serve(ServeArgs),
     /// Apply database migrations and exit.
     Migrate(DatabaseArgs),
+    #[command(flatten)]
+    Client(workbroker_server::cli::Command),
 }
 
 /// Logs to stderr (filtered by `WORKBROKER_LOG` or `RUST_LOG`), keeps recent
@@ -51,15 +54,14 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(error) => {
-                    tracing::error!(%error, "cannot listen for SIGTERM");
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
+        let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
         tokio::select! {
             _ = terminate.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -72,25 +74,56 @@ async fn wait_for_signal() {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let telemetry = init_logging()?;
+async fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Serve(args) => {
-            let config = args.server_config();
-            let listener = tokio::net::TcpListener::bind(args.listen)
-                .await
-                .with_context(|| format!("cannot listen on {}", args.listen))?;
-            let shutdown = CancellationToken::new();
-            spawn_signal_handler(shutdown.clone());
-            let result = workbroker_server::server::run(config, listener, shutdown).await;
-            telemetry.shutdown().await;
-            result?;
-        }
-        Command::Migrate(args) => {
-            let store = Store::connect_lazy(&args.store_config())?;
-            store.migrate().await.context("migrations failed")?;
-            println!("migrations applied");
+        Command::Client(command) => run_client(command).await,
+        Command::Serve(args) => report(serve(args).await),
+        Command::Migrate(args) => report(migrate(args).await),
+    }
+}
+
+/// Runs a client subcommand; on failure prints `error: <one line>` to stderr.
+async fn run_client(command: workbroker_server::cli::Command) -> ExitCode {
+    let mut stdout = std::io::stdout();
+    let result = workbroker_server::cli::execute(command, &mut std::io::stdin(), &mut stdout).await;
+    let _ = stdout.flush();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", error.one_line());
+            ExitCode::FAILURE
         }
     }
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let telemetry = init_logging()?;
+    let config = args.server_config();
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let shutdown = CancellationToken::new();
+    spawn_signal_handler(shutdown.clone());
+    let result = workbroker_server::server::run(config, listener, shutdown).await;
+    telemetry.shutdown().await;
+    result?;
+    Ok(())
+}
+
+async fn migrate(args: DatabaseArgs) -> anyhow::Result<()> {
+    let _telemetry = init_logging()?;
+    let store = Store::connect_lazy(&args.store_config())?;
+    store.migrate().await.context("migrations failed")?;
+    println!("migrations applied");
     Ok(())
 }

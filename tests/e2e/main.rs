@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cancel_and_watch;
+mod cli;
 mod cluster;
 mod discovery;
 mod lease_flow;
