@@ -1,0 +1,1 @@
+INSERT INTO ceiling_jobs (queue, kind) VALUES ('q', 'k');

@@ -1,0 +1,172 @@
+//! `workbroker-bench`: runs named scenarios against a broker and reports
+//! jobs/s, latency percentiles (HDR histogram), broker CPU and RSS, and the
+//! job tables' sizes, as a table and as JSON. With `--ceilings` (the output
+//! of `scripts/bench-sql-ceiling.sh`, measured on the same database server in
+//! the same run) every figure carries its ratio to the raw SQL ceiling.
+//!
+//! ```text
+//! workbroker-bench --start all                 # start the release broker on a fresh database
+//! workbroker-bench --endpoint http://127.0.0.1:50051 --database-url postgres://... drain
+//! ```
+
+mod broker;
+mod report;
+mod scenarios;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, ValueEnum};
+
+use crate::broker::BrokerUnderTest;
+use crate::scenarios::Sizes;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    EnqueueBulk,
+    EnqueueSingle,
+    Drain,
+    Steady,
+    Latency,
+    Backlog,
+    Ordered,
+    All,
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "workbroker-bench", about = "Benchmark scenarios against a workbroker broker")]
+struct Args {
+    /// Scenarios to run, in order.
+    #[arg(value_enum, required = true)]
+    scenarios: Vec<Scenario>,
+    /// Start the broker binary over a fresh database on DATABASE_URL's server.
+    #[arg(long, conflicts_with = "endpoint")]
+    start: bool,
+    /// Target a running broker instead (its database is --database-url).
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// Process id of a targeted broker, to read its CPU and RSS.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// The database server (with --start) or the broker's database (with --endpoint).
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: String,
+    /// The broker binary for --start (default: next to this binary).
+    #[arg(long)]
+    broker_binary: Option<PathBuf>,
+    /// Listen address of a started broker.
+    #[arg(long, default_value = "127.0.0.1:50199")]
+    listen: String,
+    /// Jobs per scenario (drain, ordered, enqueue-*; jobs drained in backlog).
+    #[arg(long, default_value_t = 50_000)]
+    jobs: u64,
+    /// Producer connections.
+    #[arg(long, default_value_t = 4)]
+    producers: usize,
+    /// SDK worker processes-in-one (each its own connection).
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Jobs each worker holds at once.
+    #[arg(long, default_value_t = 500)]
+    concurrency: u32,
+    /// Duration of steady and latency runs.
+    #[arg(long, default_value_t = 20)]
+    seconds: u64,
+    /// Enqueue rate of the latency scenario (repeat the scenario for several rates).
+    #[arg(long = "rate", default_values_t = vec![200_u64, 5000])]
+    rates: Vec<u64>,
+    /// Jobs queued in the large backlog run.
+    #[arg(long, default_value_t = 1_000_000)]
+    backlog: u64,
+    /// Jobs queued in the small backlog run.
+    #[arg(long, default_value_t = 10_000)]
+    small_backlog: u64,
+    /// Distinct ordering keys of the ordered scenario.
+    #[arg(long, default_value_t = 1000)]
+    keys: u64,
+    /// Leases held at once while RSS is sampled (backlog scenario).
+    #[arg(long, default_value_t = 10_000)]
+    leases_in_flight: u32,
+    /// Ceilings JSON from scripts/bench-sql-ceiling.sh.
+    #[arg(long)]
+    ceilings: Option<PathBuf>,
+    /// Where to write the JSON report.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn expand(scenarios: &[Scenario]) -> Vec<Scenario> {
+    if scenarios.contains(&Scenario::All) {
+        return vec![
+            Scenario::EnqueueBulk,
+            Scenario::EnqueueSingle,
+            Scenario::Drain,
+            Scenario::Ordered,
+            Scenario::Steady,
+            Scenario::Latency,
+            Scenario::Backlog,
+        ];
+    }
+    scenarios.to_vec()
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let ceilings: BTreeMap<String, f64> = match &args.ceilings {
+        Some(path) => serde_json::from_slice(&std::fs::read(path).with_context(|| format!("read {}", path.display()))?)?,
+        None => BTreeMap::new(),
+    };
+    let broker = match &args.endpoint {
+        Some(endpoint) => BrokerUnderTest::target(endpoint, &args.database_url, args.broker_pid).await?,
+        None => {
+            let binary = match &args.broker_binary {
+                Some(binary) => binary.clone(),
+                None => std::env::current_exe()?.with_file_name("workbroker"),
+            };
+            BrokerUnderTest::start(binary, &args.database_url, &args.listen, &[]).await?
+        }
+    };
+    let mut results = Vec::new();
+    for scenario in expand(&args.scenarios) {
+        let sizes = Sizes {
+            jobs: args.jobs,
+            producers: args.producers,
+            workers: args.workers,
+            concurrency: args.concurrency,
+            seconds: args.seconds,
+            rate: 0,
+            backlog: args.backlog,
+            small_backlog: args.small_backlog,
+            keys: args.keys,
+            leases_in_flight: args.leases_in_flight,
+        };
+        eprintln!("running {scenario:?}");
+        match scenario {
+            Scenario::EnqueueBulk => results.push(scenarios::enqueue_bulk(&broker, &sizes).await?),
+            Scenario::EnqueueSingle => results.push(scenarios::enqueue_single(&broker, &sizes).await?),
+            Scenario::Drain => results.push(scenarios::drain(&broker, &sizes).await?),
+            Scenario::Ordered => results.push(scenarios::ordered(&broker, &sizes).await?),
+            Scenario::Steady => results.push(scenarios::steady(&broker, &sizes).await?),
+            Scenario::Latency => {
+                for rate in &args.rates {
+                    results.push(scenarios::latency(&broker, &Sizes { rate: *rate, ..sizes.clone() }).await?);
+                }
+            }
+            Scenario::Backlog => results.extend(scenarios::backlog(&broker, &sizes).await?),
+            Scenario::All => {}
+        }
+    }
+    report::apply_ceilings(&mut results, &ceilings);
+    report::print_table(&results, &ceilings);
+    if let Some(path) = &args.json {
+        let document = serde_json::json!({ "ceilings": ceilings, "scenarios": results });
+        std::fs::write(path, serde_json::to_vec_pretty(&document)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    if args.endpoint.is_none() {
+        broker.stop().await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,360 @@
+//! The named scenarios. Producers are raw gRPC clients (one connection each);
+//! workers are SDK workers with a no-op handler (one connection each).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use hdrhistogram::Histogram;
+use tokio_util::sync::CancellationToken;
+use workbroker_api::v1;
+use workbroker_api::v1::broker_client::BrokerClient;
+use workbroker_worker_sdk::worker::WorkerMetrics;
+use workbroker_worker_sdk::{Client, JobContext, Output, Worker, handler_fn};
+
+use crate::broker::BrokerUnderTest;
+use crate::report::{Latency, ScenarioResult};
+
+/// Sizes of a run.
+#[derive(Clone, Debug)]
+pub struct Sizes {
+    pub jobs: u64,
+    pub producers: usize,
+    pub workers: usize,
+    pub concurrency: u32,
+    pub seconds: u64,
+    pub rate: u64,
+    pub backlog: u64,
+    pub small_backlog: u64,
+    pub keys: u64,
+    pub leases_in_flight: u32,
+}
+
+async fn producer(endpoint: &str) -> Result<BrokerClient<tonic::transport::Channel>> {
+    let channel = tonic::transport::Channel::from_shared(endpoint.to_owned())?.tcp_nodelay(true).connect().await?;
+    Ok(BrokerClient::new(channel).max_encoding_message_size(64 << 20).max_decoding_message_size(64 << 20))
+}
+
+fn job(queue: &str, key: Option<String>, payload: Vec<u8>) -> v1::NewJob {
+    v1::NewJob {
+        queue: queue.to_owned(),
+        kind: "noop".to_owned(),
+        payload,
+        ordering_key: key.unwrap_or_default(),
+        ..Default::default()
+    }
+}
+
+/// Enqueues `count` jobs in batches of `batch` from `producers` connections.
+/// `keys`: give job i the ordering key `key-(i mod keys)`.
+async fn fill(endpoint: &str, queue: &str, count: u64, batch: u64, producers: usize, keys: Option<u64>) -> Result<()> {
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..producers.max(1) {
+        let mut client = producer(endpoint).await?;
+        let next = next.clone();
+        let queue = queue.to_owned();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let start = next.fetch_add(batch, std::sync::atomic::Ordering::SeqCst);
+                if start >= count {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let end = (start + batch).min(count);
+                let jobs = (start..end)
+                    .map(|index| job(&queue, keys.map(|keys| format!("key-{}", index % keys)), Vec::new()))
+                    .collect();
+                client.enqueue(v1::EnqueueRequest { jobs }).await?;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+/// Starts `workers` SDK workers on `queue`; returns their metrics and a stop token.
+async fn start_workers(
+    endpoint: &str,
+    queue: &str,
+    workers: usize,
+    concurrency: u32,
+    handler_delay: Option<Duration>,
+    latencies: Option<Arc<Mutex<Histogram<u64>>>>,
+) -> Result<(Vec<WorkerMetrics>, CancellationToken, Vec<tokio::task::JoinHandle<()>>)> {
+    let stop = CancellationToken::new();
+    let mut metrics = Vec::new();
+    let mut handles = Vec::new();
+    for index in 0..workers.max(1) {
+        let client = Client::connect(endpoint.to_owned()).await?;
+        let latencies = latencies.clone();
+        let worker = Worker::builder(client)
+            .worker_id(format!("bench-{index}"))
+            .queues([queue.to_owned()])
+            .concurrency(concurrency)
+            .handler(
+                "noop",
+                handler_fn(move |job: JobContext| {
+                    let latencies = latencies.clone();
+                    async move {
+                        if let Some(latencies) = latencies {
+                            record_latency(&latencies, job.payload());
+                        }
+                        if let Some(delay) = handler_delay {
+                            tokio::time::sleep(delay).await;
+                        }
+                        Ok(Output::none())
+                    }
+                }),
+            )
+            .build()?;
+        metrics.push(worker.metrics());
+        let stop = stop.clone();
+        handles.push(tokio::spawn(async move {
+            if let Err(error) = worker.run(stop).await {
+                eprintln!("bench worker stopped: {error}");
+            }
+        }));
+    }
+    Ok((metrics, stop, handles))
+}
+
+async fn stop_workers(stop: CancellationToken, handles: Vec<tokio::task::JoinHandle<()>>) {
+    stop.cancel();
+    for handle in handles {
+        let _ = tokio::time::timeout(Duration::from_secs(30), handle).await;
+    }
+}
+
+fn acked(metrics: &[WorkerMetrics]) -> u64 {
+    metrics.iter().map(|metrics| metrics.snapshot().acks_ok).sum()
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos()
+}
+
+fn record_latency(latencies: &Mutex<Histogram<u64>>, payload: &[u8]) {
+    let Ok(bytes) = <[u8; 16]>::try_from(payload) else { return };
+    let sent = u128::from_le_bytes(bytes);
+    let micros = u64::try_from(now_nanos().saturating_sub(sent) / 1_000).unwrap_or(u64::MAX);
+    if let Ok(mut histogram) = latencies.lock() {
+        let _ = histogram.record(micros.max(1));
+    }
+}
+
+/// Waits until every job of `queue` is finished; returns the elapsed time since `started`.
+async fn wait_finished(broker: &BrokerUnderTest, queue: &str, started: Instant, limit: Duration) -> Result<Duration> {
+    loop {
+        if broker.unfinished(queue).await? == 0 {
+            return Ok(started.elapsed());
+        }
+        anyhow::ensure!(started.elapsed() < limit, "queue {queue} not drained within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn result(
+    broker: &BrokerUnderTest,
+    name: &str,
+    jobs: u64,
+    elapsed: Duration,
+    before: Option<crate::broker::ProcessSample>,
+    ceiling: Option<&'static str>,
+) -> Result<ScenarioResult> {
+    let after = broker.sample();
+    let (jobs_bytes, finished_bytes) = broker.database_bytes().await?;
+    Ok(ScenarioResult {
+        name: name.to_owned(),
+        jobs,
+        seconds: elapsed.as_secs_f64(),
+        jobs_per_second: jobs as f64 / elapsed.as_secs_f64().max(1e-9),
+        latency: None,
+        broker_cpu_seconds: match (before, after) {
+            (Some(before), Some(after)) => Some(after.cpu_seconds - before.cpu_seconds),
+            _ => None,
+        },
+        broker_rss_mib: after.map(|sample| sample.rss_mib),
+        broker_peak_rss_mib: after.map(|sample| sample.peak_rss_mib),
+        hot_table_bytes: jobs_bytes,
+        finished_table_bytes: finished_bytes,
+        ceiling,
+        ratio: None,
+        notes: Vec::new(),
+    })
+}
+
+pub async fn enqueue_bulk(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
+    let before = broker.sample();
+    let started = Instant::now();
+    fill(&broker.endpoint, "bench-bulk", sizes.jobs, 1000, sizes.producers, None).await?;
+    result(broker, "enqueue-bulk", sizes.jobs, started.elapsed(), before, Some("bulk_insert_1000")).await
+}
+
+pub async fn enqueue_single(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
+    let before = broker.sample();
+    let started = Instant::now();
+    fill(&broker.endpoint, "bench-single", sizes.jobs, 1, 16, None).await?;
+    result(broker, "enqueue-single (16 clients)", sizes.jobs, started.elapsed(), before, Some("single_insert_16")).await
+}
+
+async fn drain_queue(broker: &BrokerUnderTest, sizes: &Sizes, queue: &str, name: &str, keys: Option<u64>) -> Result<ScenarioResult> {
+    fill(&broker.endpoint, queue, sizes.jobs, 1000, sizes.producers, keys).await?;
+    let before = broker.sample();
+    let started = Instant::now();
+    let (_metrics, stop, handles) =
+        start_workers(&broker.endpoint, queue, sizes.workers, sizes.concurrency, None, None).await?;
+    let elapsed = wait_finished(broker, queue, started, Duration::from_secs(600)).await?;
+    stop_workers(stop, handles).await;
+    result(broker, name, sizes.jobs, elapsed, before, Some("drain_lease100_delete100")).await
+}
+
+pub async fn drain(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
+    drain_queue(broker, sizes, "bench-drain", "drain", None).await
+}
+
+pub async fn ordered(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
+    let name = format!("ordered ({} keys)", sizes.keys);
+    drain_queue(broker, sizes, "bench-ordered", &name, Some(sizes.keys.max(1))).await
+}
+
+pub async fn steady(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
+    let queue = "bench-steady";
+    let (metrics, stop, handles) =
+        start_workers(&broker.endpoint, queue, sizes.workers, sizes.concurrency, None, None).await?;
+    let (hot_before, finished_before) = broker.database_bytes().await?;
+    let before = broker.sample();
+    let deadline = Instant::now() + Duration::from_secs(sizes.seconds);
+    let mut producers = Vec::new();
+    for _ in 0..sizes.producers.max(1) {
+        let mut client = producer(&broker.endpoint).await?;
+        producers.push(tokio::spawn(async move {
+            let mut sent = 0_u64;
+            while Instant::now() < deadline {
+                let jobs = (0..100).map(|_| job(queue, None, Vec::new())).collect();
+                client.enqueue(v1::EnqueueRequest { jobs }).await?;
+                sent += 100;
+            }
+            Ok::<_, anyhow::Error>(sent)
+        }));
+    }
+    let acked_at_start = acked(&metrics);
+    let started = Instant::now();
+    let mut enqueued = 0;
+    for producer in producers {
+        enqueued += producer.await??;
+    }
+    let elapsed = started.elapsed();
+    let completed = acked(&metrics) - acked_at_start;
+    stop_workers(stop, handles).await;
+    let mut outcome = result(broker, "steady (enqueue+lease+ack)", completed, elapsed, before, Some("lifecycle_100")).await?;
+    outcome.notes.push(format!("enqueued {enqueued}, completed {completed} in the window"));
+    outcome.notes.push(format!(
+        "hot table {hot_before} -> {} bytes, finished table {finished_before} -> {} bytes",
+        outcome.hot_table_bytes, outcome.finished_table_bytes
+    ));
+    Ok(outcome)
+}
+
+pub async fn latency(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
+    let queue = format!("bench-latency-{}", sizes.rate);
+    let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let (_metrics, stop, handles) =
+        start_workers(&broker.endpoint, &queue, 1, sizes.concurrency, None, Some(histogram.clone())).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = broker.sample();
+    let total = sizes.rate * sizes.seconds;
+    let interval = Duration::from_secs_f64(1.0 / sizes.rate.max(1) as f64);
+    let senders = 8_usize;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for sender in 0..senders {
+        let mut client = producer(&broker.endpoint).await?;
+        let queue = queue.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut index = sender as u64;
+            while index < total {
+                let due = started + interval.mul_f64(index as f64);
+                tokio::time::sleep_until(due.into()).await;
+                let payload = now_nanos().to_le_bytes().to_vec();
+                client.enqueue(v1::EnqueueRequest { jobs: vec![job(&queue, None, payload)] }).await?;
+                index += senders as u64;
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    wait_finished(broker, &queue, started, Duration::from_secs(sizes.seconds + 60)).await?;
+    let elapsed = started.elapsed();
+    stop_workers(stop, handles).await;
+    let histogram = histogram.lock().map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?.clone();
+    let mut outcome = result(broker, &format!("latency @ {}/s", sizes.rate), total, elapsed, before, None).await?;
+    let millis = |quantile: f64| histogram.value_at_quantile(quantile) as f64 / 1000.0;
+    outcome.latency = Some(Latency {
+        samples: histogram.len(),
+        p50_ms: millis(0.5),
+        p90_ms: millis(0.9),
+        p99_ms: millis(0.99),
+        max_ms: histogram.max() as f64 / 1000.0,
+    });
+    Ok(outcome)
+}
+
+/// Drain rate of `sizes.jobs` jobs out of a queue holding `backlog` jobs.
+async fn drain_from_backlog(broker: &BrokerUnderTest, sizes: &Sizes, backlog: u64) -> Result<ScenarioResult> {
+    let queue = format!("bench-backlog-{backlog}");
+    fill(&broker.endpoint, &queue, backlog, 1000, sizes.producers, None).await?;
+    let before = broker.sample();
+    let (metrics, stop, handles) =
+        start_workers(&broker.endpoint, &queue, sizes.workers, sizes.concurrency, None, None).await?;
+    let started = Instant::now();
+    let target = sizes.jobs.min(backlog);
+    while acked(&metrics) < target {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "backlog drain too slow");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    stop_workers(stop, handles).await;
+    result(broker, &format!("backlog drain ({backlog} queued)"), target, elapsed, before, None).await
+}
+
+pub async fn backlog(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Vec<ScenarioResult>> {
+    let small = drain_from_backlog(broker, sizes, sizes.small_backlog).await?;
+    let mut large = drain_from_backlog(broker, sizes, sizes.backlog).await?;
+    large.notes.push(format!(
+        "rate with {} queued is {:.1} % of the rate with {} queued",
+        sizes.backlog,
+        100.0 * large.jobs_per_second / small.jobs_per_second.max(1e-9),
+        sizes.small_backlog
+    ));
+    // Memory with many leases in flight while the large backlog is queued.
+    let queue = format!("bench-backlog-{}", sizes.backlog);
+    let (metrics, stop, handles) = start_workers(
+        &broker.endpoint,
+        &queue,
+        1,
+        sizes.leases_in_flight,
+        Some(Duration::from_secs(3600)),
+        None,
+    )
+    .await?;
+    let started = Instant::now();
+    while metrics.iter().map(|metrics| metrics.snapshot().leased).sum::<u64>() < u64::from(sizes.leases_in_flight) {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "could not reach the leases in flight");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sample = broker.sample().context("RSS needs a local broker process")?;
+    large.notes.push(format!(
+        "broker RSS {:.1} MiB with {} leases in flight and about {} jobs queued",
+        sample.rss_mib, sizes.leases_in_flight, sizes.backlog
+    ));
+    large.broker_rss_mib = Some(sample.rss_mib);
+    stop.cancel();
+    for handle in handles {
+        handle.abort();
+    }
+    Ok(vec![small, large])
+}

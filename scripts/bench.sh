@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The benchmark run behind the README's Performance section: raw SQL ceilings
+# with pgbench, then every scenario against a release broker started on a
+# fresh database of the same server, in the same run. Installs and starts
+# PostgreSQL when DATABASE_URL is not set.
+#
+# Usage: scripts/bench.sh [workbroker-bench arguments...]   (default: all)
+# Results: bench/results/latest.json and the table on stdout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib/local-services.sh
+ensure_rust
+ensure_packages pkg-config python3 protobuf-compiler
+ensure_postgres
+mkdir -p bench/results
+log "building release binaries"
+cargo build --release --locked -p workbroker-server -p workbroker-bench
+log "raw SQL ceilings (pgbench)"
+scripts/bench-sql-ceiling.sh bench/results/ceilings.json "${WORKBROKER_CEILING_SECONDS:-10}"
+log "scenarios"
+if [ "$#" -eq 0 ]; then set -- all; fi
+target/release/workbroker-bench --start --ceilings bench/results/ceilings.json \
+    --json bench/results/latest.json "$@"
