@@ -19,7 +19,6 @@ pub struct ProcessSample {
 
 pub struct BrokerUnderTest {
     pub endpoint: String,
-    pub database_url: String,
     pub pool: PgPool,
     child: Option<Child>,
     pid: Option<u32>,
@@ -38,7 +37,12 @@ fn replace_database(url: &str, database: &str) -> String {
 
 impl BrokerUnderTest {
     /// Starts `binary serve` on `listen` over a new database on `server_url`'s server.
-    pub async fn start(binary: PathBuf, server_url: &str, listen: &str, extra_env: &[(String, String)]) -> Result<Self> {
+    pub async fn start(
+        binary: PathBuf,
+        server_url: &str,
+        listen: &str,
+        extra_env: &[(String, String)],
+    ) -> Result<Self> {
         let name = format!("wbbench_{}", uuid::Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(server_url).await.context("connect to DATABASE_URL")?;
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut admin).await?;
@@ -58,10 +62,9 @@ impl BrokerUnderTest {
         let child = command.spawn().with_context(|| format!("start {}", binary.display()))?;
         let pid = child.id();
         let endpoint = format!("http://{listen}");
-        let mut broker = Self {
+        let broker = Self {
             endpoint,
             pool: sqlx::postgres::PgPoolOptions::new().max_connections(4).connect_lazy(&database_url)?,
-            database_url,
             child: Some(child),
             pid: Some(pid),
             created_database: Some((server_url.to_owned(), name)),
@@ -74,7 +77,6 @@ impl BrokerUnderTest {
     pub async fn target(endpoint: &str, database_url: &str, pid: Option<u32>) -> Result<Self> {
         let broker = Self {
             endpoint: endpoint.to_owned(),
-            database_url: database_url.to_owned(),
             pool: sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(database_url).await?,
             child: None,
             pid,

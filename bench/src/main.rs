@@ -115,7 +115,9 @@ fn expand(scenarios: &[Scenario]) -> Vec<Scenario> {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let ceilings: BTreeMap<String, f64> = match &args.ceilings {
-        Some(path) => serde_json::from_slice(&std::fs::read(path).with_context(|| format!("read {}", path.display()))?)?,
+        Some(path) => {
+            serde_json::from_slice(&std::fs::read(path).with_context(|| format!("read {}", path.display()))?)?
+        }
         None => BTreeMap::new(),
     };
     let broker = match &args.endpoint {

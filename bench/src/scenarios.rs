@@ -199,7 +199,13 @@ pub async fn enqueue_single(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<S
     result(broker, "enqueue-single (16 clients)", sizes.jobs, started.elapsed(), before, Some("single_insert_16")).await
 }
 
-async fn drain_queue(broker: &BrokerUnderTest, sizes: &Sizes, queue: &str, name: &str, keys: Option<u64>) -> Result<ScenarioResult> {
+async fn drain_queue(
+    broker: &BrokerUnderTest,
+    sizes: &Sizes,
+    queue: &str,
+    name: &str,
+    keys: Option<u64>,
+) -> Result<ScenarioResult> {
     fill(&broker.endpoint, queue, sizes.jobs, 1000, sizes.producers, keys).await?;
     let before = broker.sample();
     let started = Instant::now();
@@ -248,7 +254,8 @@ pub async fn steady(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioR
     let elapsed = started.elapsed();
     let completed = acked(&metrics) - acked_at_start;
     stop_workers(stop, handles).await;
-    let mut outcome = result(broker, "steady (enqueue+lease+ack)", completed, elapsed, before, Some("lifecycle_100")).await?;
+    let mut outcome =
+        result(broker, "steady (enqueue+lease+ack)", completed, elapsed, before, Some("lifecycle_100")).await?;
     outcome.notes.push(format!("enqueued {enqueued}, completed {completed} in the window"));
     outcome.notes.push(format!(
         "hot table {hot_before} -> {} bytes, finished table {finished_before} -> {} bytes",
@@ -332,15 +339,9 @@ pub async fn backlog(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Vec<Scen
     ));
     // Memory with many leases in flight while the large backlog is queued.
     let queue = format!("bench-backlog-{}", sizes.backlog);
-    let (metrics, stop, handles) = start_workers(
-        &broker.endpoint,
-        &queue,
-        1,
-        sizes.leases_in_flight,
-        Some(Duration::from_secs(3600)),
-        None,
-    )
-    .await?;
+    let (metrics, stop, handles) =
+        start_workers(&broker.endpoint, &queue, 1, sizes.leases_in_flight, Some(Duration::from_secs(3600)), None)
+            .await?;
     let started = Instant::now();
     while metrics.iter().map(|metrics| metrics.snapshot().leased).sum::<u64>() < u64::from(sizes.leases_in_flight) {
         anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "could not reach the leases in flight");
