@@ -19,7 +19,7 @@
 //! `messaging.message.id` = the job id):
 //!
 //! - one span per RPC ([`rpc_span`]): `workbroker publish <queue>` (Enqueue),
-//!   `workbroker receive` (a Lease stream), `workbroker settle` (Ack, Nack),
+//!   `workbroker receive <queue>` (a Lease stream), `workbroker settle` (Ack, Nack),
 //!   `<service>/<method>` for the rest. A `traceparent` request header makes
 //!   it a child of the caller's span.
 //! - one span per job and lifecycle step ([`record_job_steps`]):
@@ -273,9 +273,19 @@ pub fn rpc_span(request: &http::Request<()>) -> tracing::Span {
 /// Records the queue(s) of an Enqueue on its RPC span.
 pub fn record_publish(span: &tracing::Span, queues: &[&str], message_count: usize) {
     span.record("messaging.batch.message_count", message_count);
+    record_destination(span, "publish", queues);
+}
+
+/// Records the queue(s) a Lease stream reads on its RPC span.
+pub fn record_receive(span: &tracing::Span, queues: &[&str]) {
+    record_destination(span, "receive", queues);
+}
+
+/// A single destination names the span `workbroker <operation> <queue>`.
+fn record_destination(span: &tracing::Span, operation_name: &str, queues: &[&str]) {
     if let [queue] = queues {
         span.record("messaging.destination.name", *queue);
-        let name = format!("workbroker publish {queue}");
+        let name = format!("workbroker {operation_name} {queue}");
         if traces_enabled() {
             // The OpenTelemetry span has started by now: rename it directly.
             span.context().span().update_name(name.clone());

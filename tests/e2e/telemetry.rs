@@ -505,8 +505,16 @@ async fn otlp_receives_every_broker_span_of_a_job_in_the_producers_trace() -> Re
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // The Lease stream's span ends with the stream; a graceful stop flushes it.
     drop(worker);
     process.terminate()?;
+    let receive = collector
+        .spans
+        .lock()
+        .expect("collector lock")
+        .iter()
+        .any(|(_, span)| span.name == "workbroker receive traced");
+    assert!(receive, "the Lease stream's `workbroker receive traced` span was not flushed at shutdown");
     stop.cancel();
     database.drop_database().await
 }

@@ -283,6 +283,8 @@ impl Broker for BrokerService {
             _ => return Err(Error::invalid("open", "the first message must be open").into()),
         };
         tracing::info!(worker_id = %open.worker_id, queues = ?open.queues, max_in_flight = open.max_in_flight, "lease stream opened");
+        let queues: Vec<&str> = open.queues.iter().map(String::as_str).collect();
+        telemetry::record_receive(&tracing::Span::current(), &queues);
         let filter = LeaseFilter {
             worker_id: open.worker_id,
             queues: open.queues,
