@@ -89,6 +89,8 @@ pub async fn fast_retries(client: &Client, queue: &str) -> Result<()> {
 pub struct CrashableBroker {
     pub address: SocketAddr,
     runtime: Option<tokio::runtime::Runtime>,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<()>>>,
 }
 
 impl CrashableBroker {
@@ -113,13 +115,13 @@ impl CrashableBroker {
         let address = listener.local_addr()?;
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
         let config = test_config(database_url);
-        runtime.spawn(async move {
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let task = runtime.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener)?;
-            workbroker_server::server::run(config, listener, CancellationToken::new())
-                .await
-                .map_err(anyhow::Error::from)
+            workbroker_server::server::run(config, listener, stop).await.map_err(anyhow::Error::from)
         });
-        let broker = Self { address, runtime: Some(runtime) };
+        let broker = Self { address, runtime: Some(runtime), shutdown, task: Some(task) };
         let endpoint = broker.endpoint();
         eventually("the broker answers", WAIT, || {
             let endpoint = endpoint.clone();
@@ -136,6 +138,19 @@ impl CrashableBroker {
 
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.address)
+    }
+
+    /// Shuts the broker down gracefully (it waits its grace period for acks,
+    /// releases what is left, and ends the lease streams) and waits for it.
+    pub async fn stop(mut self) -> Result<()> {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(20), task).await.context("broker did not stop")???;
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+        Ok(())
     }
 
     /// Drops every task of the broker at once.

@@ -239,6 +239,63 @@ async fn a_broker_crash_and_restart_loses_nothing_and_runs_no_held_job_twice() -
     database.drop_database().await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_broker_restart_acks_what_finished_and_cancels_what_it_released() -> Result<()> {
+    crate::common::init_logs();
+    let database = TestDatabase::create().await?;
+    let first = CrashableBroker::start(&database.url, None).await?;
+    let address = first.address;
+    let client = Client::connect_lazy(first.endpoint())?;
+    let (started_tx, mut started) = mpsc::unbounded_channel();
+    let reasons: Arc<Mutex<Vec<(Vec<u8>, u32, Option<CancelReason>)>>> = Arc::default();
+    let seen = reasons.clone();
+    let worker = Worker::builder(client.clone())
+        .queues(["graceful"])
+        .concurrency(2)
+        .handler(
+            "work",
+            handler_fn(move |job| {
+                let started_tx = started_tx.clone();
+                let seen = seen.clone();
+                async move {
+                    let _ = started_tx.send(());
+                    if job.payload() == b"short" || job.attempt() > 1 {
+                        tokio::time::sleep(Duration::from_millis(800)).await;
+                        return Ok(Output::none());
+                    }
+                    // Outlives the broker's 2 s grace: released, so lost.
+                    job.cancellation().cancelled().await;
+                    seen.lock().expect("lock").push((job.payload().to_vec(), job.attempt(), job.cancel_reason()));
+                    Err(JobError::retry("lease lost"))
+                }
+            }),
+        )
+        .build()?;
+    let running = RunningWorker::start(worker);
+    let short = client.enqueue(JobBuilder::new("graceful", "work").payload(b"short".to_vec())).await?;
+    let long = client.enqueue(JobBuilder::new("graceful", "work").payload(b"long".to_vec())).await?;
+    for _ in 0..2 {
+        tokio::time::timeout(WAIT, started.recv()).await?.context("handler started")?;
+    }
+    first.stop().await?;
+    // The short job's ack landed during the grace period.
+    let second = CrashableBroker::start(&database.url, Some(address)).await?;
+    let job = wait_terminal(&client, &short.job_id, WAIT).await?;
+    assert_eq!(job.state, v1::JobState::Completed as i32, "{job:?}");
+    assert_eq!(job.attempt, 1);
+    // The long one was released at the end of the grace: its handler saw
+    // the lease lost, and it ran again on the new broker.
+    let job = wait_terminal(&client, &long.job_id, Duration::from_secs(15)).await?;
+    assert_eq!(job.state, v1::JobState::Completed as i32, "{job:?}");
+    assert_eq!(job.attempt, 2);
+    assert_eq!(*reasons.lock().expect("lock"), vec![(b"long".to_vec(), 1, Some(CancelReason::LeaseLost))]);
+    let metrics = running.metrics.snapshot();
+    assert_eq!(metrics.leases_lost, 1, "{metrics:?}");
+    running.stop().await?;
+    drop(second);
+    database.drop_database().await
+}
+
 #[tokio::test]
 async fn shutdown_drains_in_flight_jobs_and_leaves_nothing_leased() -> Result<()> {
     crate::common::init_logs();

@@ -34,23 +34,32 @@ impl LeaseExtender {
         let tick = (lease / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
         let ahead = lease / 3;
         let call_timeout = (lease / 3).max(Duration::from_secs(1));
+        // Set when a lease stream ended: every held lease is checked (and
+        // extended) until one round of checks went through, so leases the
+        // broker released are found even if it was unreachable for a while.
+        let mut check_all = false;
         loop {
-            let check_all = tokio::select! {
-                () = tokio::time::sleep(tick) => false,
-                () = self.state.extend_now.notified() => true,
+            tokio::select! {
+                () = tokio::time::sleep(tick) => {}
+                () = self.state.extend_now.notified() => check_all = true,
                 () = stop.cancelled() => return,
-            };
+            }
             let due = if check_all { self.state.take_all_for_check() } else { self.state.take_due_extensions(ahead) };
+            let mut all_answered = true;
             for chunk in due.chunks(MAX_PER_REQUEST) {
                 tokio::select! {
-                    () = self.extend(chunk, call_timeout) => {}
+                    answered = self.extend(chunk, call_timeout) => all_answered &= answered,
                     () = stop.cancelled() => return,
                 }
+            }
+            if all_answered {
+                check_all = false;
             }
         }
     }
 
-    async fn extend(&self, leases: &[DueLease], call_timeout: Duration) {
+    /// Extends a batch of leases; false when the call itself failed.
+    async fn extend(&self, leases: &[DueLease], call_timeout: Duration) -> bool {
         let extend_by = workbroker_api::time::duration_to_proto(self.state.config.lease_duration);
         let request = v1::ExtendLeaseRequest {
             leases: leases
@@ -76,15 +85,17 @@ impl LeaseExtender {
                         "extension answer of the wrong length"
                     );
                     self.state.extension_failed(&tokens());
-                    return;
+                    return false;
                 }
                 for (lease, answer) in leases.iter().zip(response.leases) {
                     self.state.extension_answered(&lease.lease_token, answer.outcome, sent_at);
                 }
+                true
             }
             Ok(Err(status)) => {
                 tracing::warn!(endpoint = self.state.index, leases = leases.len(), code = ?status.code(), message = status.message(), "lease extension failed; retrying");
                 self.state.extension_failed(&tokens());
+                false
             }
             Err(_) => {
                 tracing::warn!(
@@ -93,6 +104,7 @@ impl LeaseExtender {
                     "lease extension timed out; retrying"
                 );
                 self.state.extension_failed(&tokens());
+                false
             }
         }
     }

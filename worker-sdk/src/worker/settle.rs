@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -25,6 +26,10 @@ use crate::backoff::Backoff;
 
 /// Most requests taken from the queue in one go.
 const BATCH: usize = 256;
+/// An open stream with nothing to answer is closed after this long, so it
+/// never keeps a connection to a draining broker alive; the next ack opens
+/// a new one.
+const IDLE_CLOSE: Duration = Duration::from_secs(1);
 
 /// One queued ack or nack.
 #[derive(Debug)]
@@ -108,6 +113,7 @@ pub(crate) struct Settler<K: SettleRpc> {
 /// How one stream incarnation ended.
 enum StreamEnd {
     Done,
+    Idle,
     Stopped,
     Failed,
 }
@@ -143,6 +149,7 @@ impl<K: SettleRpc> Settler<K> {
                     tracing::debug!(endpoint = self.state.index, rpc = K::NAME, "settle stream finished");
                     return;
                 }
+                StreamEnd::Idle => continue,
                 StreamEnd::Failed => {}
             }
             let delay = backoff.next_delay();
@@ -180,13 +187,25 @@ impl<K: SettleRpc> Settler<K> {
             }
         };
         let mut batch = Vec::with_capacity(BATCH);
+        let mut last_activity = tokio::time::Instant::now();
+        let idle = tokio::time::sleep(IDLE_CLOSE);
+        tokio::pin!(idle);
         loop {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => return StreamEnd::Stopped,
+                () = &mut idle => {
+                    let idle_until = last_activity + IDLE_CLOSE;
+                    if pending.is_empty() && tokio::time::Instant::now() >= idle_until {
+                        tracing::debug!(endpoint = self.state.index, rpc = K::NAME, "closing an idle settle stream");
+                        return StreamEnd::Idle;
+                    }
+                    idle.as_mut().reset(idle_until.max(tokio::time::Instant::now() + IDLE_CLOSE / 4));
+                }
                 message = responses.message() => match message {
                     Ok(Some(response)) => {
                         backoff.reset();
+                        last_activity = tokio::time::Instant::now();
                         let Some(item) = pending.pop_front() else {
                             tracing::warn!(rpc = K::NAME, "answer to a request never sent; reopening");
                             return StreamEnd::Failed;
@@ -215,6 +234,7 @@ impl<K: SettleRpc> Settler<K> {
                             return StreamEnd::Done;
                         }
                     }
+                    last_activity = tokio::time::Instant::now();
                     for item in batch.drain(..) {
                         if let Some(sender) = &sender {
                             let _ = sender.send(item.request.clone());

@@ -277,6 +277,16 @@ impl EndpointState {
         };
         let draining = {
             let mut inner = self.lock();
+            // The broker handed out this job again: any older lease of it
+            // this worker still holds is gone (released or expired).
+            for (token, older) in &mut inner.jobs {
+                if older.job_id == held.job_id && *token != context.lease_token && !older.lost {
+                    older.lost = true;
+                    Counters::add(&self.counters().leases_lost);
+                    tracing::warn!(job_id = %older.job_id, "job leased again; cancelling the run under the old lease");
+                    older.cancellation.cancel(CancelReason::LeaseLost);
+                }
+            }
             inner.jobs.insert(context.lease_token.clone(), held);
             self.is_draining()
         };
