@@ -502,3 +502,114 @@ impl EndpointState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backoff::BackoffConfig;
+
+    fn state(capacity: u32) -> (Arc<EndpointState>, mpsc::UnboundedReceiver<SettleItem<v1::AckRequest>>) {
+        let (acks, ack_queue) = mpsc::unbounded_channel();
+        let (nacks, _nack_queue) = mpsc::unbounded_channel();
+        let config = WorkerConfig {
+            worker_id: "test".to_owned(),
+            queues: vec!["q".to_owned()],
+            concurrency: capacity,
+            lease_duration: Duration::from_secs(30),
+            drain_timeout: Duration::from_secs(1),
+            abandon_grace: Duration::from_secs(1),
+            flush_timeout: Duration::from_secs(1),
+            job_timeout: None,
+            reconnect_backoff: BackoffConfig::default(),
+            max_message_bytes: 1024 * 1024,
+        };
+        let state = EndpointState::new(EndpointParts {
+            index: 0,
+            capacity,
+            config: Arc::new(config),
+            handlers: Arc::default(),
+            channel: tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy(),
+            metrics: WorkerMetrics::default(),
+            job_tasks: TaskTracker::new(),
+            acks,
+            nacks,
+        });
+        // Draining: jobs are held without starting a task, which is all the
+        // accounting needs.
+        state.start_draining();
+        (Arc::new(state), ack_queue)
+    }
+
+    fn leased(job_id: &str, token: &str) -> v1::LeasedJob {
+        v1::LeasedJob {
+            job: Some(v1::Job { job_id: job_id.to_owned(), ..Default::default() }),
+            lease_token: token.to_owned(),
+            lease_expires_at: None,
+            attempt: 1,
+        }
+    }
+
+    fn credits(receiver: &mut mpsc::UnboundedReceiver<v1::LeaseRequest>) -> u32 {
+        let mut total = 0;
+        while let Ok(request) = receiver.try_recv() {
+            if let Some(v1::lease_request::Request::Credit(credit)) = request.request {
+                total += credit.count;
+            }
+        }
+        total
+    }
+
+    #[tokio::test]
+    async fn a_reopened_stream_gets_the_free_slots_and_credits_as_old_jobs_finish() {
+        let (state, mut acks) = state(3);
+        let (first_requests, _first) = mpsc::unbounded_channel();
+        assert_eq!(state.begin_stream(first_requests), (1, 3));
+        state.on_leased(leased("1", "a"), 1);
+        state.on_leased(leased("2", "b"), 1);
+        assert_eq!(state.free_slots(), 1);
+
+        // The broker went away; the jobs stay held. The new stream only
+        // gets the one free slot.
+        state.end_stream(1);
+        let (second_requests, mut second) = mpsc::unbounded_channel();
+        assert_eq!(state.begin_stream(second_requests), (2, 1));
+
+        // An old job finishing widens the new stream by one credit.
+        state.on_finished("a", Settle::Ack(b"done".to_vec()));
+        assert_eq!(credits(&mut second), 1);
+        assert_eq!(state.free_slots(), 2);
+        let ack = acks.try_recv().expect("ack queued");
+        assert_eq!((ack.request.job_id.as_str(), ack.request.lease_token.as_str()), ("1", "a"));
+        // It stays held (and extended) until the broker answers the ack.
+        assert_eq!(state.phase_counts(), (1, 0, 1));
+        state.on_settled("a");
+        assert_eq!(state.phase_counts(), (1, 0, 0));
+
+        // A job of the current stream frees its slot through the ack itself.
+        state.on_leased(leased("3", "c"), 2);
+        state.on_finished("c", Settle::Ack(Vec::new()));
+        assert_eq!(credits(&mut second), 0);
+
+        // A cancel notice frees the slot on the broker side: no credit, no ack.
+        state.on_cancel_notice(&v1::CancelNotice { job_id: "2".to_owned(), lease_token: "b".to_owned() });
+        assert_eq!(credits(&mut second), 0);
+        assert_eq!(state.free_slots(), 3);
+        assert!(acks.try_recv().is_ok(), "the ack of c");
+        assert!(acks.try_recv().is_err(), "nothing for the cancelled job");
+    }
+
+    #[tokio::test]
+    async fn a_second_lease_of_a_held_job_marks_the_old_lease_lost() {
+        let (state, _acks) = state(2);
+        let (requests, _receiver) = mpsc::unbounded_channel();
+        state.begin_stream(requests);
+        state.on_leased(leased("7", "old"), 1);
+        let old = state.lock().jobs.get("old").map(|job| job.cancellation.clone()).expect("held");
+        state.on_leased(leased("7", "new"), 1);
+        assert_eq!(old.reason(), Some(CancelReason::LeaseLost));
+        assert!(old.token.is_cancelled());
+        // Lost leases are no longer extended; the new one is.
+        let due: Vec<String> = state.take_all_for_check().into_iter().map(|lease| lease.lease_token).collect();
+        assert_eq!(due, vec!["new".to_owned()]);
+    }
+}
