@@ -101,7 +101,7 @@ impl Reaper {
     pub async fn run_once(&self) -> store::Result<ReaperCounts> {
         let mut counts = ReaperCounts::default();
         loop {
-            let returned = self.store.jobs_expire_leases_returning(self.config.batch_size).await?;
+            let returned = self.store.jobs_expire_leases(self.config.batch_size).await?;
             let dead = returned.iter().filter(|job| job.dead).count() as u64;
             counts.requeued += returned.len() as u64 - dead;
             counts.dead += dead;

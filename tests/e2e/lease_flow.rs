@@ -277,3 +277,31 @@ async fn kinds_filter_what_a_stream_receives() -> Result<()> {
     worker.expect_quiet(Duration::from_millis(300)).await?;
     broker.finish().await
 }
+
+#[tokio::test]
+async fn a_drained_stream_gets_no_more_jobs_and_hands_leftovers_back_without_using_an_attempt() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let ids = enqueue(&mut client, (0..4).map(|_| new_job("drain", "k")).collect()).await?;
+    let mut worker = Worker::on(&mut client, &["drain"], 2).await?;
+    let held = worker.take_jobs(2, WAIT).await?;
+    worker.send(v1::lease_request::Request::Drain(v1::Drain {}))?;
+    // Acking frees a slot, but a draining stream is not refilled.
+    ack_all(&mut client, vec![ack_of(&held[0])]).await?;
+    worker.expect_quiet(Duration::from_millis(400)).await?;
+    worker.close();
+    let leftover = id_of(&held[1]);
+    wait_for_state(&mut client, &leftover, v1::JobState::Available, Duration::from_secs(1)).await?;
+    let job = client.get_job(v1::GetJobRequest { job_id: leftover.clone() }).await?.into_inner();
+    assert_eq!(job.attempt, 0, "a drained stream's leftover lease does not use an attempt");
+
+    // Without a drain, a stream that ends counts the attempt (a crashing worker).
+    let mut second = Worker::on(&mut client, &["drain"], 1).await?;
+    let taken = second.take_jobs(1, WAIT).await?;
+    second.close();
+    wait_for_state(&mut client, &id_of(&taken[0]), v1::JobState::Available, Duration::from_secs(1)).await?;
+    let job = client.get_job(v1::GetJobRequest { job_id: id_of(&taken[0]) }).await?.into_inner();
+    assert_eq!(job.attempt, 1);
+    assert_eq!(ids.len(), 4);
+    broker.finish().await
+}

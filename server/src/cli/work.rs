@@ -6,15 +6,12 @@
 //! (or one Nack stream with `--fail`), prints the outcomes and closes the
 //! lease stream, reading it to its end.
 //!
-//! The protocol has no way to say "send no more": every settle frees a slot
-//! of the window, the broker fills a free slot at once when the queue has
-//! more jobs, and closing the stream releases what it holds, which counts as
-//! an attempt of those jobs. So the CLI holds all its jobs and settles them in
-//! one round (at most one window's worth is refilled), keeps reading for a
-//! short grace so that refilled jobs arrive before the close, and reports
-//! each of them with its state after the close (`handed back`). A job the
-//! broker leased at the very moment the stream closed is released without
-//! ever reaching the CLI and cannot be reported.
+//! Once it has its jobs, the CLI sends `drain` on the lease stream: the
+//! broker refills no freed slot, and a job it may already have pushed into one
+//! goes back without using an attempt when the stream closes. The CLI settles
+//! its jobs in one round, keeps reading for a short grace so that such a job
+//! arrives before the close, and reports each of them with its state after
+//! the close (`handed back`).
 
 use std::io::Write;
 use std::time::Duration;
@@ -148,6 +145,12 @@ pub(super) async fn run(args: WorkArgs, out: &mut (dyn Write + Send)) -> Result<
             }
             None => {}
         }
+    }
+    // Ask for no more jobs: freed slots are not refilled, and anything left
+    // when the stream closes goes back without using an attempt.
+    if !stream_ended {
+        let drain = v1::LeaseRequest { request: Some(v1::lease_request::Request::Drain(v1::Drain {})) };
+        let _ = requests.send(drain);
     }
 
     if held.is_empty() {

@@ -38,8 +38,8 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::admin::metrics::{JobEvent, Metrics};
-use crate::store::observe::ReturnedJob;
-use crate::store::{self, HeldLease, JobRecord, LeaseParams, Store};
+use crate::store::ReturnedJob;
+use crate::store::{self, HeldLease, JobRecord, LeaseParams, ReleaseAttempt, Store};
 use crate::telemetry::{self, JobRef, JobStep};
 
 /// Shards a replica dispatches first, as published by the cluster view
@@ -87,6 +87,8 @@ struct StreamState {
     /// Set when a lease came back short: the epoch it saw. No more leasing
     /// until the epoch moves or the due timer fires.
     dry_at_epoch: Option<u64>,
+    /// The worker asked for no more jobs.
+    draining: bool,
     closed: bool,
 }
 
@@ -118,6 +120,18 @@ impl LeaseStream {
         }
         self.wake.notify_one();
         Ok(())
+    }
+
+    /// The worker asked for no more jobs: stop leasing for this stream; its
+    /// leftover leases will be handed back without using an attempt.
+    pub fn drain(&self) {
+        self.state().draining = true;
+        self.wake.notify_one();
+    }
+
+    /// Whether the worker asked for no more jobs.
+    pub fn is_draining(&self) -> bool {
+        self.state().draining
     }
 
     /// Number of jobs the stream holds now.
@@ -307,8 +321,9 @@ impl Dispatcher {
         (stream, receiver)
     }
 
-    /// Unregisters a stream and releases every lease it still holds.
-    pub async fn close_stream(&self, stream: &LeaseStream, reason: &str) {
+    /// Unregisters a stream and releases every lease it still holds; whether
+    /// that uses up the leases' attempts is `attempt`.
+    pub async fn close_stream(&self, stream: &LeaseStream, reason: &str, attempt: ReleaseAttempt) {
         stream.stop.cancel();
         let held: Vec<HeldLease> = {
             let mut registry = self.registry();
@@ -333,7 +348,7 @@ impl Dispatcher {
         if held.is_empty() {
             return;
         }
-        match self.store.jobs_release_many_returning(&held, reason).await {
+        match self.store.jobs_release_many(&held, reason, attempt).await {
             Ok(returned) => {
                 let dead = returned.iter().filter(|job| job.dead).count();
                 tracing::info!(worker_id = %stream.filter.worker_id, requeued = returned.len() - dead, dead, "released leases of a closed stream");
@@ -483,7 +498,7 @@ impl Dispatcher {
         let streams: Vec<Arc<LeaseStream>> = self.registry().streams.values().cloned().collect();
         for stream in streams {
             let _ = stream.events.send(StreamEvent::Closing);
-            self.close_stream(&stream, reason).await;
+            self.close_stream(&stream, reason, ReleaseAttempt::Refunded).await;
         }
     }
 
@@ -502,7 +517,7 @@ impl Dispatcher {
                     state.dry_at_epoch = None;
                     due_at = None;
                 }
-                let dry = state.dry_at_epoch == Some(state.work_epoch);
+                let dry = state.dry_at_epoch == Some(state.work_epoch) || state.draining;
                 let free = (state.window as usize).saturating_sub(state.held.len());
                 (if dry { 0 } else { free }, state.work_epoch)
             };
@@ -572,7 +587,7 @@ impl Dispatcher {
         let accepted = {
             let mut registry = self.registry();
             let mut state = stream.state();
-            if state.closed {
+            if state.closed || state.draining {
                 false
             } else {
                 for job in &jobs {
@@ -608,8 +623,10 @@ impl Dispatcher {
                     registry.forget(&lease.lease_token);
                 }
             }
-            let returned =
-                self.store.jobs_release_many_returning(&leases, "lease released: worker stream closed").await?;
+            let returned = self
+                .store
+                .jobs_release_many(&leases, "lease handed back: never delivered", ReleaseAttempt::Refunded)
+                .await?;
             self.record_released(&returned);
         } else {
             for job in &jobs {

@@ -15,7 +15,7 @@ use super::error::Error;
 use super::{Shared, convert, validate};
 use crate::dispatch::listener::cancel_payload;
 use crate::dispatch::{LeaseFilter, LeaseStream, StreamEvent};
-use crate::store::{self, AckItem, CancelResult, ExtendItem, LEASES_CHANNEL, NackItem, SettleOutcome};
+use crate::store::{self, AckItem, CancelResult, ExtendItem, LEASES_CHANNEL, NackItem, ReleaseAttempt, SettleOutcome};
 use crate::telemetry::{self, JobRef, JobStep};
 
 /// Requests one Ack or Nack stream may have in the batchers at once.
@@ -136,19 +136,33 @@ fn lease_responses(
     })
 }
 
-/// Reads credits until the stream ends, then unregisters it (releasing its
-/// leases). Returns the status to end the stream with, if the client broke
-/// the protocol.
-async fn read_credits(mut inbound: Streaming<v1::LeaseRequest>, stream: &LeaseStream) -> Option<Status> {
+/// How a Lease stream ended, as far as its leftover leases are concerned.
+struct StreamEnd {
+    /// The status to end the stream with, if the client broke the protocol.
+    status: Option<Status>,
+    /// Whether leftover leases use up their attempts.
+    attempt: ReleaseAttempt,
+}
+
+/// Reads credits and drain requests until the stream ends. Leftover leases
+/// of a stream that drained before ending go back without using an attempt;
+/// those of a stream that just stopped (or broke the protocol) count as
+/// failed attempts, so a job that crashes its workers cannot loop forever.
+async fn read_credits(mut inbound: Streaming<v1::LeaseRequest>, stream: &LeaseStream) -> StreamEnd {
     use v1::lease_request::Request as Item;
+    let ended = |status: Option<Status>| {
+        let attempt =
+            if status.is_none() && stream.is_draining() { ReleaseAttempt::Refunded } else { ReleaseAttempt::Counted };
+        StreamEnd { status, attempt }
+    };
     loop {
         let message = tokio::select! {
             message = inbound.message() => message,
-            () = stream.outbound_closed() => return None,
+            () = stream.outbound_closed() => return ended(None),
         };
         let request = match message {
             Ok(Some(request)) => request,
-            Ok(None) | Err(_) => return None,
+            Ok(None) | Err(_) => return ended(None),
         };
         match request.request {
             Some(Item::Credit(credit)) => {
@@ -156,13 +170,17 @@ async fn read_credits(mut inbound: Streaming<v1::LeaseRequest>, stream: &LeaseSt
                     stream.add_credit(count).map_err(|error| Error::ResourceExhausted(format!("credit.count: {error}")))
                 });
                 if let Err(error) = result {
-                    return Some(error.into());
+                    return ended(Some(error.into()));
                 }
             }
-            Some(Item::Open(_)) => {
-                return Some(Error::invalid("open", "may only be the first message").into());
+            Some(Item::Drain(_)) => {
+                tracing::info!(worker_id = %stream.filter().worker_id, held = stream.held(), "lease stream draining");
+                stream.drain();
             }
-            None => return Some(Error::invalid("request", "must be open or credit").into()),
+            Some(Item::Open(_)) => {
+                return ended(Some(Error::invalid("open", "may only be the first message").into()));
+            }
+            None => return ended(Some(Error::invalid("request", "must be open, credit or drain").into())),
         }
     }
 }
@@ -295,10 +313,14 @@ impl Broker for BrokerService {
         let (stream, events) = dispatcher.open_stream(filter, open.max_in_flight);
         let (end_sender, end) = oneshot::channel();
         tokio::spawn(async move {
-            let status = read_credits(inbound, &stream).await;
-            dispatcher.close_stream(&stream, "lease released: worker stream closed").await;
+            let end = read_credits(inbound, &stream).await;
+            let reason = match end.attempt {
+                ReleaseAttempt::Counted => "lease released: worker stream closed",
+                ReleaseAttempt::Refunded => "lease handed back: worker stream drained",
+            };
+            dispatcher.close_stream(&stream, reason, end.attempt).await;
             tracing::info!(worker_id = %stream.filter().worker_id, "lease stream closed");
-            let _ = end_sender.send(status);
+            let _ = end_sender.send(end.status);
         });
         Ok(Response::new(Box::pin(lease_responses(events, end))))
     }

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{
     AckItem, CancelResult, EnqueuedRecord, Error, ExtendItem, ExtendResult, HeldLease, JobRecord, LeaseParams,
-    ListParams, NackItem, NackResult, NewJobRecord, Result, ReturnedLeases, RunAt, SettleOutcome, Store,
+    ListParams, NackItem, NackResult, NewJobRecord, ReleaseAttempt, Result, ReturnedJob, RunAt, SettleOutcome, Store,
 };
 
 /// Columns of a job read from the `all_jobs` view (public state included).
@@ -56,41 +56,51 @@ macro_rules! insert_finished {
     };
 }
 
-/// Hands leases back to the queue, or to DEAD when their attempts are used up.
+/// Hands leases back to the queue, or to DEAD when their attempts are used up,
+/// answering one row per moved job `(id, queue, traceparent, dead)`.
 /// `$targets` is a CTE body yielding `(id, token)` of the leases to return;
-/// `$2` is the error recorded on each job. Ends with one notification per
-/// queue that got work back.
+/// `$2` is the error recorded on each job; `$refund` a SQL boolean: true
+/// gives the lease's attempt back (the job was handed back unworked). Wakes
+/// the queues that got work back, including where a job that went DEAD
+/// released its ordering key.
 macro_rules! return_leases {
-    ($targets:literal) => {
+    ($targets:literal, $refund:literal) => {
         concat!(
             "WITH targets AS (",
             $targets,
             "), \
              eligible AS ( \
-                 SELECT j.id, t.token, j.attempt >= j.max_attempts AS to_dead \
+                 SELECT j.id, t.token, NOT ",
+            $refund,
+            " AND j.attempt >= j.max_attempts AS to_dead \
                    FROM targets t JOIN workbroker.jobs j \
                      ON j.id = t.id AND j.lease_token = t.token AND j.state = 3), \
              requeued AS ( \
                  UPDATE workbroker.jobs j \
                     SET state = 2, run_at = now(), lease_token = NULL, lease_expires_at = NULL, \
-                        leased_by = NULL, leased_at = NULL, last_error = $2 \
+                        leased_by = NULL, leased_at = NULL, last_error = $2, \
+                        attempt = CASE WHEN ",
+            $refund,
+            " THEN greatest(j.attempt - 1, 0) ELSE j.attempt END \
                    FROM eligible e \
                   WHERE j.id = e.id AND NOT e.to_dead AND j.lease_token = e.token AND j.state = 3 \
-                 RETURNING j.queue), \
+                 RETURNING j.id, j.queue, j.attributes ->> 'traceparent' AS traceparent), \
              killed AS ( \
                  DELETE FROM workbroker.jobs j USING eligible e \
                   WHERE j.id = e.id AND e.to_dead AND j.lease_token = e.token AND j.state = 3 \
                  RETURNING j.*), \
              dead AS (",
             insert_finished!("killed", "5", "$2", "NULL"),
-            " RETURNING queue), \
+            " RETURNING id, queue, attributes ->> 'traceparent' AS traceparent), \
              notified AS ( \
                  SELECT pg_notify('workbroker_jobs', queue) FROM ( \
                      SELECT queue FROM requeued \
                      UNION SELECT queue FROM killed WHERE ordering_key IS NOT NULL) q) \
-             SELECT (SELECT count(*) FROM requeued) AS requeued, \
-                    (SELECT count(*) FROM dead) AS dead, \
-                    (SELECT count(*) FROM notified) AS notified"
+             SELECT r.id, r.queue, r.traceparent, r.dead \
+               FROM (SELECT id, queue, traceparent, false AS dead FROM requeued \
+                     UNION ALL SELECT id, queue, traceparent, true AS dead FROM dead) r \
+              WHERE (SELECT count(*) FROM notified) >= 0 \
+              ORDER BY r.id"
         )
     };
 }
@@ -530,39 +540,50 @@ impl Store {
             .collect())
     }
 
-    /// Hands leases back (their stream ended): each job returns to the queue
-    /// at once, or goes DEAD if that lease used its last attempt.
-    pub async fn jobs_release_many(&self, leases: &[HeldLease], reason: &str) -> Result<ReturnedLeases> {
+    /// Hands leases back (their stream ended): each job still leased under
+    /// its token returns to the queue at once. With [`ReleaseAttempt::Counted`]
+    /// the lease counts as a failed attempt (the job goes DEAD if it was its
+    /// last); with `Refunded` the attempt is given back.
+    pub async fn jobs_release_many(
+        &self,
+        leases: &[HeldLease],
+        reason: &str,
+        attempt: ReleaseAttempt,
+    ) -> Result<Vec<ReturnedJob>> {
         if leases.is_empty() {
-            return Ok(ReturnedLeases::default());
+            return Ok(Vec::new());
         }
         let ids: Vec<i64> = leases.iter().map(|lease| lease.job_id).collect();
         let tokens: Vec<Uuid> = leases.iter().map(|lease| lease.lease_token).collect();
-        let (requeued, dead, _notified): (i64, i64, i64) = sqlx::query_as(return_leases!(
-            "SELECT u.id, u.token FROM unnest($1::bigint[], $3::uuid[]) AS u(id, token)"
+        let rows = sqlx::query_as::<_, ReturnedJob>(return_leases!(
+            "SELECT u.id, u.token FROM unnest($1::bigint[], $3::uuid[]) AS u(id, token)",
+            "$4"
         ))
         .bind(&ids)
         .bind(reason)
         .bind(&tokens)
-        .fetch_one(&self.pool)
+        .bind(attempt == ReleaseAttempt::Refunded)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(ReturnedLeases { requeued: as_count(requeued), dead: as_count(dead) })
+        Ok(rows)
     }
 
-    /// Returns up to `limit` leases that expired (by the database clock).
-    /// Concurrent callers take disjoint rows (SKIP LOCKED) and every change
-    /// re-checks the token, so running this twice returns each job once.
-    pub async fn jobs_expire_leases(&self, limit: u32) -> Result<ReturnedLeases> {
-        let (requeued, dead, _notified): (i64, i64, i64) = sqlx::query_as(return_leases!(
+    /// Returns up to `limit` leases that expired (by the database clock) to
+    /// their queue, or to DEAD when their attempts are used up. Concurrent
+    /// callers take disjoint rows (SKIP LOCKED) and every change re-checks the
+    /// token, so running this twice returns each job once.
+    pub async fn jobs_expire_leases(&self, limit: u32) -> Result<Vec<ReturnedJob>> {
+        let rows = sqlx::query_as::<_, ReturnedJob>(return_leases!(
             "SELECT j.id, j.lease_token AS token FROM workbroker.jobs j \
               WHERE j.state = 3 AND j.lease_expires_at < now() \
-              ORDER BY j.lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED"
+              ORDER BY j.lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED",
+            "false"
         ))
         .bind(i64::from(limit))
         .bind("lease expired")
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        Ok(ReturnedLeases { requeued: as_count(requeued), dead: as_count(dead) })
+        Ok(rows)
     }
 
     /// Deletes up to `limit` COMPLETED and CANCELLED jobs older than their
@@ -673,10 +694,6 @@ fn settle_outcome(code: i16) -> SettleOutcome {
         2 => SettleOutcome::StaleLease,
         _ => SettleOutcome::NotFound,
     }
-}
-
-fn as_count(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
 }
 
 /// Microseconds as a `Duration`, clamping negatives to zero.

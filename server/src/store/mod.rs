@@ -271,13 +271,27 @@ pub struct HeldLease {
     pub lease_token: Uuid,
 }
 
-/// What returning leases did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ReturnedLeases {
-    /// Jobs back in the queue.
-    pub requeued: u64,
-    /// Jobs that had used up their attempts and went DEAD.
-    pub dead: u64,
+/// Whether handing a lease back uses up the attempt it started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReleaseAttempt {
+    /// The lease counts as a failed attempt: the stream broke, so the job may
+    /// have crashed its worker (a poison job must not loop forever).
+    Counted,
+    /// The attempt is given back: the worker ended its stream cleanly, or the
+    /// broker is shutting down, or the job was never delivered.
+    Refunded,
+}
+
+/// One job a lease-returning statement moved.
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct ReturnedJob {
+    pub id: i64,
+    pub queue: String,
+    /// The producer's `traceparent` attribute, if any.
+    pub traceparent: Option<String>,
+    /// True when the job had used its last attempt and went DEAD; false when
+    /// it went back to the queue.
+    pub dead: bool,
 }
 
 /// What a cancel did.

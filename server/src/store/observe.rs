@@ -1,12 +1,9 @@
 //! Statements that feed metrics, traces, health checks and the status page:
 //! the database's vacuum horizon (the watchdog), recent dead letters, which
-//! queue (and trace) a job belongs to, and the lease-returning statements
-//! (expiry, stream release) in a form that says which jobs they moved.
+//! queue (and trace) a job belongs to.
 
+use super::{Result, Store};
 use chrono::{DateTime, Utc};
-use uuid::Uuid;
-
-use super::{HeldLease, Result, Store};
 
 /// How far the database's oldest open transaction and xmin horizon lag.
 ///
@@ -58,17 +55,6 @@ pub struct JobTraceRecord {
     pub traceparent: Option<String>,
 }
 
-/// One job a lease-returning statement moved.
-#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
-pub struct ReturnedJob {
-    pub id: i64,
-    pub queue: String,
-    pub traceparent: Option<String>,
-    /// True when the job had used its last attempt and went DEAD; false when
-    /// it went back to the queue.
-    pub dead: bool,
-}
-
 #[derive(sqlx::FromRow)]
 struct HorizonRow {
     oldest_transaction_seconds: Option<f64>,
@@ -76,51 +62,6 @@ struct HorizonRow {
     holder_pid: Option<i32>,
     holder_application_name: Option<String>,
     holder_state: Option<String>,
-}
-
-/// Hands leases back to the queue, or to DEAD when their attempts are used up,
-/// like `jobs.rs`'s `return_leases!`, but answering one row per moved job.
-/// `$targets` yields `(id, token)`; `$2` is the error recorded on each job.
-macro_rules! return_leases_returning_jobs {
-    ($targets:literal) => {
-        concat!(
-            "WITH targets AS (",
-            $targets,
-            "), \
-             eligible AS ( \
-                 SELECT j.id, t.token, j.attempt >= j.max_attempts AS to_dead \
-                   FROM targets t JOIN workbroker.jobs j \
-                     ON j.id = t.id AND j.lease_token = t.token AND j.state = 3), \
-             requeued AS ( \
-                 UPDATE workbroker.jobs j \
-                    SET state = 2, run_at = now(), lease_token = NULL, lease_expires_at = NULL, \
-                        leased_by = NULL, leased_at = NULL, last_error = $2 \
-                   FROM eligible e \
-                  WHERE j.id = e.id AND NOT e.to_dead AND j.lease_token = e.token AND j.state = 3 \
-                 RETURNING j.id, j.queue, j.attributes ->> 'traceparent' AS traceparent), \
-             killed AS ( \
-                 DELETE FROM workbroker.jobs j USING eligible e \
-                  WHERE j.id = e.id AND e.to_dead AND j.lease_token = e.token AND j.state = 3 \
-                 RETURNING j.*), \
-             dead AS ( \
-                 INSERT INTO workbroker.finished_jobs (id, queue, kind, state, priority, sequence, run_at, \
-                     created_at, attempt, max_attempts, ordering_key, dedup_key, shard, lease_duration, \
-                     lease_token, lease_expires_at, leased_by, leased_at, last_error, payload, attributes, \
-                     finished_at, result) \
-                 SELECT id, queue, kind, 5, priority, sequence, run_at, created_at, attempt, max_attempts, \
-                        ordering_key, dedup_key, shard, lease_duration, lease_token, lease_expires_at, \
-                        leased_by, leased_at, $2, payload, attributes, now(), NULL \
-                   FROM killed \
-                 RETURNING id, queue, attributes ->> 'traceparent' AS traceparent), \
-             notified AS ( \
-                 SELECT pg_notify('workbroker_jobs', queue) FROM (SELECT DISTINCT queue FROM requeued) q) \
-             SELECT r.id, r.queue, r.traceparent, r.dead \
-               FROM (SELECT id, queue, traceparent, false AS dead FROM requeued \
-                     UNION ALL SELECT id, queue, traceparent, true AS dead FROM dead) r \
-              WHERE (SELECT count(*) FROM notified) >= 0 \
-              ORDER BY r.id"
-        )
-    };
 }
 
 impl Store {
@@ -187,43 +128,6 @@ impl Store {
                FROM workbroker.all_jobs j WHERE j.id = ANY($1::bigint[])",
         )
         .bind(job_ids)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows)
-    }
-
-    /// Like `jobs_expire_leases`, answering which jobs it returned: up to
-    /// `limit` expired leases (by the database clock) go back to their queue,
-    /// or to DEAD when their attempts are used up. Concurrent callers take
-    /// disjoint rows (SKIP LOCKED) and every change re-checks the token.
-    pub async fn jobs_expire_leases_returning(&self, limit: u32) -> Result<Vec<ReturnedJob>> {
-        let rows = sqlx::query_as::<_, ReturnedJob>(return_leases_returning_jobs!(
-            "SELECT j.id, j.lease_token AS token FROM workbroker.jobs j \
-              WHERE j.state = 3 AND j.lease_expires_at < now() \
-              ORDER BY j.lease_expires_at LIMIT $1 FOR UPDATE SKIP LOCKED"
-        ))
-        .bind(i64::from(limit))
-        .bind("lease expired")
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows)
-    }
-
-    /// Like `jobs_release_many`, answering which jobs it returned: each lease
-    /// still current goes back to the queue at once, or DEAD if it used the
-    /// job's last attempt.
-    pub async fn jobs_release_many_returning(&self, leases: &[HeldLease], reason: &str) -> Result<Vec<ReturnedJob>> {
-        if leases.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ids: Vec<i64> = leases.iter().map(|lease| lease.job_id).collect();
-        let tokens: Vec<Uuid> = leases.iter().map(|lease| lease.lease_token).collect();
-        let rows = sqlx::query_as::<_, ReturnedJob>(return_leases_returning_jobs!(
-            "SELECT u.id, u.token FROM unnest($1::bigint[], $3::uuid[]) AS u(id, token)"
-        ))
-        .bind(&ids)
-        .bind(reason)
-        .bind(&tokens)
         .fetch_all(&self.pool)
         .await?;
         Ok(rows)
