@@ -187,16 +187,16 @@ async fn read_credits(mut inbound: Streaming<v1::LeaseRequest>, stream: &LeaseSt
 
 impl BrokerService {
     async fn ack_one(shared: &Shared, request: v1::AckRequest) -> Result<v1::AckResponse, Status> {
-        let checked = validate::job_id("job_id", &request.job_id).and_then(|job_id| {
-            let lease_token = validate::lease_token("lease_token", &request.lease_token)?;
-            if request.result.len() > shared.limits.max_payload_bytes {
-                return Err(Error::invalid(
-                    "result",
-                    format!("must be at most {} bytes", shared.limits.max_payload_bytes),
-                ));
-            }
-            Ok(AckItem { job_id, lease_token, result: request.result })
-        });
+        let checked =
+            validate::lease_ref("", &request.job_id, &request.lease_token).and_then(|(job_id, lease_token)| {
+                if request.result.len() > shared.limits.max_payload_bytes {
+                    return Err(Error::invalid(
+                        "result",
+                        format!("must be at most {} bytes", shared.limits.max_payload_bytes),
+                    ));
+                }
+                Ok(AckItem { job_id, lease_token, result: request.result })
+            });
         let item = match checked {
             Ok(item) => item,
             Err(error) => {
@@ -214,21 +214,21 @@ impl BrokerService {
     }
 
     async fn nack_one(shared: &Shared, request: v1::NackRequest) -> Result<v1::NackResponse, Status> {
-        let checked = validate::job_id("job_id", &request.job_id).and_then(|job_id| {
-            let lease_token = validate::lease_token("lease_token", &request.lease_token)?;
-            let retry_after = request
-                .retry_after
-                .as_ref()
-                .map(|delay| validate::duration_in("retry_after", delay, Duration::ZERO, validate::MAX_DELAY))
-                .transpose()?;
-            Ok(NackItem {
-                job_id,
-                lease_token,
-                error: validate::truncate_error(&request.error),
-                retry_after,
-                permanent: request.permanent,
-            })
-        });
+        let checked =
+            validate::lease_ref("", &request.job_id, &request.lease_token).and_then(|(job_id, lease_token)| {
+                let retry_after = request
+                    .retry_after
+                    .as_ref()
+                    .map(|delay| validate::duration_in("retry_after", delay, Duration::ZERO, validate::MAX_DELAY))
+                    .transpose()?;
+                Ok(NackItem {
+                    job_id,
+                    lease_token,
+                    error: validate::truncate_error(&request.error),
+                    retry_after,
+                    permanent: request.permanent,
+                })
+            });
         let item = match checked {
             Ok(item) => item,
             Err(error) => {
@@ -367,9 +367,11 @@ impl Broker for BrokerService {
                 .extend_by
                 .as_ref()
                 .ok_or_else(|| Error::invalid(format!("leases[{index}].extend_by"), "is required"))?;
+            let (job_id, lease_token) =
+                validate::lease_ref(&format!("leases[{index}]."), &lease.job_id, &lease.lease_token)?;
             items.push(ExtendItem {
-                job_id: validate::job_id(&format!("leases[{index}].job_id"), &lease.job_id)?,
-                lease_token: validate::lease_token(&format!("leases[{index}].lease_token"), &lease.lease_token)?,
+                job_id,
+                lease_token,
                 extend_by: validate::duration_in(
                     &format!("leases[{index}].extend_by"),
                     extend_by,

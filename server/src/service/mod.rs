@@ -102,69 +102,100 @@ impl Batchers {
             },
         );
 
-        let ack_store = store.clone();
-        let ack_dispatcher = dispatcher.clone();
-        let ack_metrics = metrics.clone();
-        let (ack, ack_loop) = batcher(
-            "ack",
-            settle_limits,
-            |_: &AckItem| 1,
-            move |items: Vec<AckItem>| {
-                let store = ack_store.clone();
-                let dispatcher = ack_dispatcher.clone();
-                let metrics = ack_metrics.clone();
-                async move {
-                    let outcomes = store.jobs_ack_many(&items).await?;
-                    let leases: Vec<HeldLease> = items
-                        .iter()
-                        .map(|item| HeldLease { job_id: item.job_id, lease_token: item.lease_token })
-                        .collect();
-                    let settled: Vec<(bool, bool)> =
-                        outcomes.iter().map(|outcome| (*outcome == SettleOutcome::Ok, false)).collect();
-                    let infos = dispatcher.lease_infos(&leases);
-                    settle(&store, &dispatcher, &leases).await;
-                    record_settled(&store, &metrics, JobStep::Ack, &leases, &settled, infos);
-                    Ok(outcomes)
-                }
-            },
-        );
-
-        let nack_store = store.clone();
-        let nack_dispatcher = dispatcher.clone();
-        let nack_metrics = metrics.clone();
-        let (nack, nack_loop) = batcher(
-            "nack",
-            settle_limits,
-            |_: &NackItem| 1,
-            move |items: Vec<NackItem>| {
-                let store = nack_store.clone();
-                let dispatcher = nack_dispatcher.clone();
-                let metrics = nack_metrics.clone();
-                async move {
-                    let results = store.jobs_nack_many(&items).await?;
-                    let leases: Vec<HeldLease> = items
-                        .iter()
-                        .map(|item| HeldLease { job_id: item.job_id, lease_token: item.lease_token })
-                        .collect();
-                    let settled: Vec<(bool, bool)> = results
-                        .iter()
-                        .map(|result| {
-                            (result.outcome == SettleOutcome::Ok, result.next_state == Some(crate::store::state::DEAD))
-                        })
-                        .collect();
-                    let infos = dispatcher.lease_infos(&leases);
-                    settle(&store, &dispatcher, &leases).await;
-                    record_settled(&store, &metrics, JobStep::Nack, &leases, &settled, infos);
-                    Ok(results)
-                }
-            },
-        );
+        let ack = settle_batcher::<AckItem>(store, dispatcher, metrics, settle_limits, tracker, shutdown);
+        let nack = settle_batcher::<NackItem>(store, dispatcher, metrics, settle_limits, tracker, shutdown);
 
         tracker.spawn(enqueue_loop.run(shutdown.clone()));
-        tracker.spawn(ack_loop.run(shutdown.clone()));
-        tracker.spawn(nack_loop.run(shutdown.clone()));
         Self { enqueue, ack, nack }
     }
+}
+
+/// An item that settles a lease (an ack or a nack), run in batches by one
+/// statement of the store.
+trait SettleItem: Sized + Send + 'static {
+    type Output: Send + 'static;
+    const NAME: &'static str;
+    const STEP: JobStep;
+
+    fn lease(&self) -> HeldLease;
+
+    fn run(store: &Store, items: &[Self]) -> impl Future<Output = crate::store::Result<Vec<Self::Output>>> + Send;
+
+    /// (took effect, the job went DEAD)
+    fn effect(output: &Self::Output) -> (bool, bool);
+}
+
+impl SettleItem for AckItem {
+    type Output = SettleOutcome;
+    const NAME: &'static str = "ack";
+    const STEP: JobStep = JobStep::Ack;
+
+    fn lease(&self) -> HeldLease {
+        HeldLease { job_id: self.job_id, lease_token: self.lease_token }
+    }
+
+    fn run(store: &Store, items: &[Self]) -> impl Future<Output = crate::store::Result<Vec<SettleOutcome>>> + Send {
+        store.jobs_ack_many(items)
+    }
+
+    fn effect(output: &SettleOutcome) -> (bool, bool) {
+        (*output == SettleOutcome::Ok, false)
+    }
+}
+
+impl SettleItem for NackItem {
+    type Output = NackResult;
+    const NAME: &'static str = "nack";
+    const STEP: JobStep = JobStep::Nack;
+
+    fn lease(&self) -> HeldLease {
+        HeldLease { job_id: self.job_id, lease_token: self.lease_token }
+    }
+
+    fn run(store: &Store, items: &[Self]) -> impl Future<Output = crate::store::Result<Vec<NackResult>>> + Send {
+        store.jobs_nack_many(items)
+    }
+
+    fn effect(output: &NackResult) -> (bool, bool) {
+        (output.outcome == SettleOutcome::Ok, output.next_state == Some(crate::store::state::DEAD))
+    }
+}
+
+/// A group-commit batcher for acks or nacks: one statement per batch, then
+/// the slots of the streams that held the leases are freed, other replicas
+/// told, watchers woken, metrics and traces recorded.
+fn settle_batcher<Item: SettleItem>(
+    store: &Store,
+    dispatcher: &Arc<Dispatcher>,
+    metrics: &Arc<Metrics>,
+    limits: BatcherLimits,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Batcher<Item, Item::Output> {
+    let store = store.clone();
+    let dispatcher = dispatcher.clone();
+    let metrics = metrics.clone();
+    let (handle, batch_loop) = batcher(
+        Item::NAME,
+        limits,
+        |_: &Item| 1,
+        move |items: Vec<Item>| {
+            let store = store.clone();
+            let dispatcher = dispatcher.clone();
+            let metrics = metrics.clone();
+            async move {
+                let outputs = Item::run(&store, &items).await?;
+                let leases: Vec<HeldLease> = items.iter().map(SettleItem::lease).collect();
+                let effects: Vec<(bool, bool)> = outputs.iter().map(Item::effect).collect();
+                let infos = dispatcher.lease_infos(&leases);
+                settle(&store, &dispatcher, &leases).await;
+                record_settled(&store, &metrics, Item::STEP, &leases, &effects, infos);
+                Ok(outputs)
+            }
+        },
+    );
+    tracker.spawn(batch_loop.run(shutdown.clone()));
+    handle
 }
 
 /// After acks or nacks: free the slots of local streams, tell other replicas

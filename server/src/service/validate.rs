@@ -65,6 +65,12 @@ pub fn lease_token(field: &str, value: &str) -> Result<Uuid> {
     Uuid::parse_str(value).map_err(|_| Error::invalid(field, "is not a lease token of this broker"))
 }
 
+/// Checks the `job_id` and `lease_token` fields of an item that names a
+/// lease (ack, nack, extension); `prefix` locates the item (`leases[2].`).
+pub fn lease_ref(prefix: &str, job_id: &str, token: &str) -> Result<(i64, Uuid)> {
+    Ok((self::job_id(&format!("{prefix}job_id"), job_id)?, lease_token(&format!("{prefix}lease_token"), token)?))
+}
+
 pub fn duration_in(field: &str, value: &prost_types::Duration, min: Duration, max: Duration) -> Result<Duration> {
     let duration = duration_from_proto(value).map_err(|error| Error::invalid(field, error))?;
     if duration < min || duration > max {
