@@ -13,8 +13,9 @@ What it shows (see docs/writing-a-worker.md for the protocol):
   expires (batched across jobs);
 - CancelNotice: the job's work is stopped and it is not acked;
 - OUTCOME_STALE_LEASE: someone else owns the job now, the result is dropped;
-- SIGTERM / SIGINT: stop starting jobs, finish and settle the ones running,
-  then close the Lease stream's request side, flush acks and nacks, exit 0.
+- SIGTERM / SIGINT: send `drain` (no more jobs; leftovers go back without using
+  an attempt), finish and settle the running jobs, then close the Lease
+  stream's request side, flush acks and nacks, exit 0.
   A second signal exits at once.
 
 The demo handler (`handle` below) understands these payloads:
@@ -452,7 +453,11 @@ class Worker:
                     log.error("%s failed: %s", task.get_name(), task.exception())
             return 1
 
-        # Graceful shutdown: no new work; finish, and settle, what is running.
+        # Graceful shutdown: ask for no more work (drain: what we still hold
+        # when the stream ends goes back without using an attempt), then
+        # finish, and settle, what is running.
+        if self.lease_queue is not None:
+            self.lease_queue.put_nowait(self.m.pb.LeaseRequest(drain=self.m.pb.Drain()))
         running = [r.task for r in self.jobs.values() if r.task is not None]
         log.info("shutting down: waiting up to %.0fs for %d running jobs", self.args.shutdown_grace, len(running))
         if running:
@@ -463,7 +468,7 @@ class Worker:
                     self.stop_job(r, "shutdown grace period over")
                 await asyncio.wait(late, timeout=5.0)
         # Now close the lease stream's request side; the broker ends the
-        # stream and releases whatever arrived meanwhile (not started).
+        # stream and hands back whatever arrived meanwhile (not started).
         self.closing_lease = True
         if self.lease_queue is not None:
             self.lease_queue.put_nowait(None)
