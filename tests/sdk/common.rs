@@ -45,12 +45,15 @@ impl Drop for RunningWorker {
     }
 }
 
-/// Waits until the job is terminal (error after `wait`).
+/// Waits until the job is terminal (error after `wait`, showing the job).
 pub async fn wait_terminal(client: &Client, job_id: &str, wait: Duration) -> Result<v1::Job> {
-    tokio::time::timeout(wait, client.wait(job_id))
-        .await
-        .with_context(|| format!("job {job_id} not terminal within {wait:?}"))?
-        .context("watch the job")
+    match tokio::time::timeout(wait, client.wait(job_id)).await {
+        Ok(job) => job.context("watch the job"),
+        Err(_) => {
+            let job = client.get(job_id).await;
+            anyhow::bail!("job {job_id} not terminal within {wait:?}: {job:?}")
+        }
+    }
 }
 
 /// Polls `check` every 20 ms until it holds (error after `wait`).

@@ -34,13 +34,12 @@
 //! - Cancel notices fire the job's token; its outcome is then dropped.
 //! - A panicking handler is caught (the job is nacked for retry); the worker
 //!   goes on.
-//! - Graceful drain on shutdown: stop starting jobs, let running handlers
+//! - Graceful drain on shutdown: send `drain` on the Lease streams (the
+//!   broker sends no more jobs), start no new job, let running handlers
 //!   finish (up to the drain timeout), then fire their tokens and, after the
 //!   abandon grace, abort them and nack them for immediate retry; wait for
 //!   every ack and nack to be answered; then close the streams, which hands
-//!   back what was leased but not started (the broker releases a closed
-//!   stream's leases at once; nacking them instead would free window slots
-//!   the broker would refill with more jobs).
+//!   back what was leased but not started without using up an attempt.
 
 mod context;
 mod extend;
@@ -399,10 +398,10 @@ impl Worker {
             let unanswered: usize = states.iter().map(|state| state.phase_counts().2).sum();
             tracing::warn!(unanswered, "acks and nacks not answered before the flush timeout");
         }
-        // Jobs held but never started (leased while draining, as landing
-        // acks refilled the window) are released by the broker when the
-        // lease streams close, right after this: the same as a nack with
-        // retry_after 0, without freeing a slot the broker would refill.
+        // Jobs held but never started (waiting for a run permit, or leased
+        // just before the drain request arrived) are released by the broker
+        // when the lease streams close, right after this: after `drain`, that
+        // returns them without using up an attempt.
         let unstarted: usize = states.iter().map(|state| state.phase_counts().0).sum();
         if unstarted > 0 {
             tracing::info!(unstarted, "handing back jobs that were not started");

@@ -186,8 +186,19 @@ impl EndpointState {
         self.draining.load(Ordering::Acquire)
     }
 
+    /// Stops starting jobs and asks the broker (`drain`) to send no more;
+    /// what is held but not started goes back, without using an attempt,
+    /// when the stream closes at the end of the drain.
     pub(crate) fn start_draining(&self) {
-        self.draining.store(true, Ordering::Release);
+        {
+            let inner = self.lock();
+            self.draining.store(true, Ordering::Release);
+            if let Some(stream) = &inner.stream {
+                let _ = stream
+                    .requests
+                    .send(v1::LeaseRequest { request: Some(v1::lease_request::Request::Drain(v1::Drain {})) });
+            }
+        }
         self.changed.notify_waiters();
     }
 
