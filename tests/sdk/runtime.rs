@@ -239,6 +239,9 @@ async fn a_broker_crash_and_restart_loses_nothing_and_runs_no_held_job_twice() -
     database.drop_database().await
 }
 
+/// Payload, attempt and cancel reason of a handler run that was cancelled.
+type CancelRecord = (Vec<u8>, u32, Option<CancelReason>);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_broker_restart_acks_what_finished_and_cancels_what_it_released() -> Result<()> {
     crate::common::init_logs();
@@ -248,7 +251,7 @@ async fn a_graceful_broker_restart_acks_what_finished_and_cancels_what_it_releas
     let client = Client::connect_lazy(first.endpoint())?;
     fast_retries(&client, "graceful").await?;
     let (started_tx, mut started) = mpsc::unbounded_channel();
-    let reasons: Arc<Mutex<Vec<(Vec<u8>, u32, Option<CancelReason>)>>> = Arc::default();
+    let reasons: Arc<Mutex<Vec<CancelRecord>>> = Arc::default();
     let seen = reasons.clone();
     let long_runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let worker = Worker::builder(client.clone())
