@@ -95,28 +95,26 @@ async fn publish_yank_unyank_apply_in_order_and_rerun_idempotently() -> Result<(
         .build()?;
     let running = RunningWorker::start(worker);
 
-    // Publishes first, then the rapid yank → unyank → yank of 1.0.0 all at
-    // once: the ordering key (the package name) keeps them in order.
-    // (Jobs queued behind a key currently reach the worker only at the
-    // broker's 5 s idle re-check, so this test takes about 10 s.)
-    let mut ids = Vec::new();
-    for batch in [
-        vec![index::publish("index", release("Demo-Crate", "1.0.0")), index::publish("index", release("x", "0.1.0"))],
-        vec![index::publish("index", release("Demo-Crate", "1.1.0"))],
-        vec![
+    // All at once, the rapid yank → unyank → yank of 1.0.0 included: the
+    // ordering key (the lowercase package name) keeps each package's jobs
+    // in enqueue order even with four handlers running.
+    let enqueued = client
+        .enqueue_batch([
+            index::publish("index", release("Demo-Crate", "1.0.0")),
+            index::publish("index", release("x", "0.1.0")),
+            index::publish("index", release("Demo-Crate", "1.1.0")),
             index::yank("index", "Demo-Crate", "1.0.0"),
             index::unyank("index", "demo-crate", "1.0.0"),
             index::yank("index", "Demo-Crate", "1.0.0"),
             index::yank("index", "x", "0.1.0"),
-        ],
-    ] {
-        let enqueued = client.enqueue_batch(batch).await?;
-        for job in enqueued {
-            let job = wait_terminal(&client, &job.job_id, Duration::from_secs(20)).await?;
-            assert_eq!(job.state, v1::JobState::Completed as i32, "{job:?}");
-            assert!(job.ordering_key == "demo-crate" || job.ordering_key == "x", "{job:?}");
-            ids.push(job.job_id);
-        }
+        ])
+        .await?;
+    let mut ids = Vec::new();
+    for job in enqueued {
+        let job = wait_terminal(&client, &job.job_id, WAIT).await?;
+        assert_eq!(job.state, v1::JobState::Completed as i32, "{job:?}");
+        assert!(job.ordering_key == "demo-crate" || job.ordering_key == "x", "{job:?}");
+        ids.push(job.job_id);
     }
     assert_eq!(ids.len(), 7);
 
