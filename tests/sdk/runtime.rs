@@ -464,3 +464,32 @@ async fn the_job_span_is_a_child_of_the_producers_trace() -> Result<()> {
     running.stop().await?;
     broker.finish().await
 }
+
+#[tokio::test]
+async fn a_worker_over_two_replicas_runs_one_lease_stream_per_endpoint() -> Result<()> {
+    crate::common::init_logs();
+    let first = TestBroker::start().await?;
+    let second = first.start_replica().await?;
+    let client = Client::connect_many([first.endpoint(), second.endpoint()])?;
+    let worker = Worker::builder(client.clone())
+        .queues(["replicated"])
+        .concurrency(4)
+        .handler("work", handler_fn(|job| async move { Ok(Output::bytes(job.payload().to_vec())) }))
+        .build()?;
+    let running = RunningWorker::start(worker);
+    let enqueued = client
+        .enqueue_batch((0..40).map(|index| JobBuilder::new("replicated", "work").payload(format!("{index}"))))
+        .await?;
+    for (index, job) in enqueued.iter().enumerate() {
+        let job = wait_terminal(&client, &job.job_id, WAIT).await?;
+        assert_eq!(job.state, v1::JobState::Completed as i32, "{job:?}");
+        assert_eq!(job.result, format!("{index}").into_bytes());
+        assert_eq!(job.attempt, 1);
+    }
+    let metrics = running.metrics.snapshot();
+    assert_eq!(metrics.lease_streams_opened, 2, "{metrics:?}");
+    assert_eq!(metrics.acks_ok, 40);
+    running.stop().await?;
+    second.finish_keep_database().await?;
+    first.finish().await
+}

@@ -8,6 +8,7 @@
 //! and fires the job's cancellation token.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -22,11 +23,13 @@ const MAX_PER_REQUEST: usize = 1000;
 /// The extension loop of one endpoint.
 pub(crate) struct LeaseExtender {
     state: Arc<EndpointState>,
+    /// Failed calls in a row; only the first of a run is logged as a warning.
+    failures_in_a_row: std::sync::atomic::AtomicU32,
 }
 
 impl LeaseExtender {
     pub(crate) fn new(state: Arc<EndpointState>) -> Self {
-        Self { state }
+        Self { state, failures_in_a_row: std::sync::atomic::AtomicU32::new(0) }
     }
 
     pub(crate) async fn run(self, stop: CancellationToken) {
@@ -77,6 +80,14 @@ impl LeaseExtender {
         let tokens = || leases.iter().map(|lease| lease.lease_token.clone()).collect::<Vec<_>>();
         match result {
             Ok(Ok(response)) => {
+                let failed_before = self.failures_in_a_row.swap(0, Ordering::Relaxed);
+                if failed_before > 0 {
+                    tracing::info!(
+                        endpoint = self.state.index,
+                        failed_calls = failed_before,
+                        "lease extension works again"
+                    );
+                }
                 let response = response.into_inner();
                 if response.leases.len() != leases.len() {
                     tracing::warn!(
@@ -93,16 +104,22 @@ impl LeaseExtender {
                 true
             }
             Ok(Err(status)) => {
-                tracing::warn!(endpoint = self.state.index, leases = leases.len(), code = ?status.code(), message = status.message(), "lease extension failed; retrying");
+                if self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(endpoint = self.state.index, leases = leases.len(), code = ?status.code(), message = status.message(), "lease extension failed; retrying until it works");
+                } else {
+                    tracing::debug!(endpoint = self.state.index, code = ?status.code(), "lease extension failed again");
+                }
                 self.state.extension_failed(&tokens());
                 false
             }
             Err(_) => {
-                tracing::warn!(
-                    endpoint = self.state.index,
-                    leases = leases.len(),
-                    "lease extension timed out; retrying"
-                );
+                if self.failures_in_a_row.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(
+                        endpoint = self.state.index,
+                        leases = leases.len(),
+                        "lease extension timed out; retrying until it works"
+                    );
+                }
                 self.state.extension_failed(&tokens());
                 false
             }
