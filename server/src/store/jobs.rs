@@ -589,12 +589,18 @@ impl Store {
     /// Deletes up to `limit` COMPLETED and CANCELLED jobs older than their
     /// queue's retention. DEAD jobs stay until redriven.
     pub async fn jobs_prune_finished(&self, limit: u32) -> Result<u64> {
+        // Per queue, oldest first, through (queue, finished_at): a pass with
+        // nothing to prune costs one index probe per queue. Two reapers may
+        // pick the same rows; the second DELETE then finds them gone.
         let deleted = sqlx::query(
             "DELETE FROM workbroker.finished_jobs f WHERE f.id IN ( \
-                 SELECT f.id FROM workbroker.finished_jobs f \
-                   JOIN workbroker.queues q ON q.name = f.queue \
-                  WHERE f.state IN (4, 6) AND f.finished_at < now() - q.completed_retention \
-                  LIMIT $1 FOR UPDATE OF f SKIP LOCKED)",
+                 SELECT old.id FROM workbroker.queues q \
+                  CROSS JOIN LATERAL ( \
+                      SELECT f.id FROM workbroker.finished_jobs f \
+                       WHERE f.queue = q.name AND f.state IN (4, 6) \
+                         AND f.finished_at < now() - q.completed_retention \
+                       ORDER BY f.finished_at LIMIT $1) old \
+                  LIMIT $1)",
         )
         .bind(i64::from(limit))
         .execute(&self.pool)
