@@ -145,19 +145,34 @@ async fn main() -> Result<()> {
             leases_in_flight: args.leases_in_flight,
         };
         eprintln!("running {scenario:?}");
-        match scenario {
-            Scenario::EnqueueBulk => results.push(scenarios::enqueue_bulk(&broker, &sizes).await?),
-            Scenario::EnqueueSingle => results.push(scenarios::enqueue_single(&broker, &sizes).await?),
-            Scenario::Drain => results.push(scenarios::drain(&broker, &sizes).await?),
-            Scenario::Ordered => results.push(scenarios::ordered(&broker, &sizes).await?),
-            Scenario::Steady => results.push(scenarios::steady(&broker, &sizes).await?),
+        let outcome: Result<Vec<report::ScenarioResult>> = match scenario {
+            Scenario::EnqueueBulk => scenarios::enqueue_bulk(&broker, &sizes).await.map(|result| vec![result]),
+            Scenario::EnqueueSingle => scenarios::enqueue_single(&broker, &sizes).await.map(|result| vec![result]),
+            Scenario::Drain => scenarios::drain(&broker, &sizes).await.map(|result| vec![result]),
+            Scenario::Ordered => scenarios::ordered(&broker, &sizes).await.map(|result| vec![result]),
+            Scenario::Steady => scenarios::steady(&broker, &sizes).await.map(|result| vec![result]),
             Scenario::Latency => {
+                let mut runs = Vec::new();
                 for rate in &args.rates {
-                    results.push(scenarios::latency(&broker, &Sizes { rate: *rate, ..sizes.clone() }).await?);
+                    match scenarios::latency(&broker, &Sizes { rate: *rate, ..sizes.clone() }).await {
+                        Ok(result) => runs.push(result),
+                        Err(error) => runs.push(report::failed(&format!("latency @ {rate}/s"), &error)),
+                    }
                 }
+                Ok(runs)
             }
-            Scenario::Backlog => results.extend(scenarios::backlog(&broker, &sizes).await?),
-            Scenario::All => {}
+            Scenario::Backlog => scenarios::backlog(&broker, &sizes).await,
+            Scenario::All => Ok(Vec::new()),
+        };
+        // A scenario that fails is reported as such; the others still run.
+        match outcome {
+            Ok(done) => results.extend(done),
+            Err(error) => results.push(report::failed(&format!("{scenario:?}"), &error)),
+        }
+        report::apply_ceilings(&mut results, &ceilings);
+        if let Some(path) = &args.json {
+            let document = serde_json::json!({ "ceilings": ceilings, "scenarios": results });
+            std::fs::write(path, serde_json::to_vec_pretty(&document)?)?;
         }
     }
     report::apply_ceilings(&mut results, &ceilings);

@@ -33,6 +33,25 @@ pub struct ScenarioResult {
     pub notes: Vec<String>,
 }
 
+/// A scenario that could not complete, reported with its error.
+pub fn failed(name: &str, error: &anyhow::Error) -> ScenarioResult {
+    ScenarioResult {
+        name: format!("{name} (failed)"),
+        jobs: 0,
+        seconds: 0.0,
+        jobs_per_second: 0.0,
+        latency: None,
+        broker_cpu_seconds: None,
+        broker_rss_mib: None,
+        broker_peak_rss_mib: None,
+        hot_table_bytes: 0,
+        finished_table_bytes: 0,
+        ceiling: None,
+        ratio: None,
+        notes: vec![format!("{error:#}")],
+    }
+}
+
 /// Fills in ratios from a ceilings file (`{"name": jobs_per_second, ...}`).
 pub fn apply_ceilings(results: &mut [ScenarioResult], ceilings: &BTreeMap<String, f64>) {
     for result in results {

@@ -273,26 +273,35 @@ pub async fn latency(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Scenario
     let before = broker.sample();
     let total = sizes.rate * sizes.seconds;
     let interval = Duration::from_secs_f64(1.0 / sizes.rate.max(1) as f64);
-    let senders = 8_usize;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for sender in 0..senders {
-        let mut client = producer(&broker.endpoint).await?;
-        let queue = queue.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut index = sender as u64;
-            while index < total {
-                let due = started + interval.mul_f64(index as f64);
-                tokio::time::sleep_until(due.into()).await;
-                let payload = now_nanos().to_le_bytes().to_vec();
-                client.enqueue(v1::EnqueueRequest { jobs: vec![job(&queue, None, payload)] }).await?;
-                index += senders as u64;
-            }
-            Ok::<_, anyhow::Error>(())
-        }));
+    // Open loop: each job is sent at its due time whatever the answers of
+    // earlier ones, from a pool of connections, with a bound on requests in
+    // flight (a broker that cannot keep up shows as latency, not as a slower
+    // sender).
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        clients.push(producer(&broker.endpoint).await?);
     }
-    for task in tasks {
-        task.await??;
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(1024));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..total {
+        let due = started + interval.mul_f64(index as f64);
+        tokio::time::sleep_until(due.into()).await;
+        let permit = in_flight.clone().acquire_owned().await?;
+        let mut client = clients[(index % 16) as usize].clone();
+        let queue = queue.clone();
+        tasks.spawn(async move {
+            let payload = now_nanos().to_le_bytes().to_vec();
+            let sent = client.enqueue(v1::EnqueueRequest { jobs: vec![job(&queue, None, payload)] }).await;
+            drop(permit);
+            sent.map(|_| ()).map_err(anyhow::Error::from)
+        });
+        while let Some(done) = tasks.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
     }
     wait_finished(broker, &queue, started, Duration::from_secs(sizes.seconds + 60)).await?;
     let elapsed = started.elapsed();
