@@ -44,7 +44,7 @@ pub struct BatcherSettings {
     pub max_enqueue_batch: usize,
     /// Most acks or nacks one statement settles.
     pub max_settle_batch: usize,
-    /// Statements of one kind in flight at once.
+    /// Ack or nack statements in flight at once (enqueues run one at a time).
     pub max_concurrent_flushes: usize,
 }
 
@@ -65,9 +65,13 @@ impl Batchers {
         shutdown: &CancellationToken,
         metrics: &Arc<Metrics>,
     ) -> Self {
+        // One enqueue statement at a time: enqueues into a queue serialize on
+        // its counter row anyway (that is what keeps sequences and the
+        // watermark exact), so concurrent flushes would only split the
+        // waiting requests into smaller batches.
         let enqueue_limits = BatcherLimits {
             max_batch_weight: settings.max_enqueue_batch,
-            max_concurrent_flushes: settings.max_concurrent_flushes,
+            max_concurrent_flushes: 1,
             queue_capacity: 10_000,
         };
         let settle_limits = BatcherLimits {
