@@ -6,3 +6,4 @@ mod diff;
 mod index;
 mod runtime;
 mod sync;
+mod transactional;

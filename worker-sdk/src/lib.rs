@@ -80,6 +80,8 @@ pub mod handlers;
 #[cfg(feature = "http-client")]
 pub mod http;
 pub mod trace;
+#[cfg(feature = "transactional")]
+pub mod transactional;
 pub mod worker;
 
 pub use client::{Client, JobBuilder};
