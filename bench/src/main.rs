@@ -88,6 +88,10 @@ struct Args {
     /// Leases held at once while RSS is sampled (backlog scenario).
     #[arg(long, default_value_t = 10_000)]
     leases_in_flight: u32,
+    /// Endpoints the drain workers connect to, comma-separated (e.g. every
+    /// replica of a cluster); default: the broker under test.
+    #[arg(long)]
+    worker_endpoints: Option<String>,
     /// Ceilings JSON from scripts/bench-sql-ceiling.sh.
     #[arg(long)]
     ceilings: Option<PathBuf>,
@@ -143,6 +147,7 @@ async fn main() -> Result<()> {
             small_backlog: args.small_backlog,
             keys: args.keys,
             leases_in_flight: args.leases_in_flight,
+            worker_endpoints: args.worker_endpoints.clone(),
         };
         eprintln!("running {scenario:?}");
         let outcome: Result<Vec<report::ScenarioResult>> = match scenario {

@@ -28,6 +28,9 @@ pub struct Sizes {
     pub small_backlog: u64,
     pub keys: u64,
     pub leases_in_flight: u32,
+    /// Workers of the drain scenarios connect here (comma-separated
+    /// endpoints); default: the broker under test.
+    pub worker_endpoints: Option<String>,
 }
 
 async fn producer(endpoint: &str) -> Result<BrokerClient<tonic::transport::Channel>> {
@@ -86,8 +89,14 @@ async fn start_workers(
     let stop = CancellationToken::new();
     let mut metrics = Vec::new();
     let mut handles = Vec::new();
+    let endpoints: Vec<String> = endpoint.split(',').map(str::to_owned).collect();
     for index in 0..workers.max(1) {
-        let client = Client::connect(endpoint.to_owned()).await?;
+        // Several endpoints (comma-separated): one worker spans them all.
+        let client = if endpoints.len() > 1 {
+            Client::connect_many(endpoints.clone())?
+        } else {
+            Client::connect(endpoint.to_owned()).await?
+        };
         let latencies = latencies.clone();
         let worker = Worker::builder(client)
             .worker_id(format!("bench-{index}"))
@@ -209,8 +218,9 @@ async fn drain_queue(
     fill(&broker.endpoint, queue, sizes.jobs, 1000, sizes.producers, keys).await?;
     let before = broker.sample();
     let started = Instant::now();
+    let worker_endpoints = sizes.worker_endpoints.clone().unwrap_or_else(|| broker.endpoint.clone());
     let (_metrics, stop, handles) =
-        start_workers(&broker.endpoint, queue, sizes.workers, sizes.concurrency, None, None).await?;
+        start_workers(&worker_endpoints, queue, sizes.workers, sizes.concurrency, None, None).await?;
     let elapsed = wait_finished(broker, queue, started, Duration::from_secs(600)).await?;
     stop_workers(stop, handles).await;
     result(broker, name, sizes.jobs, elapsed, before, Some("drain_lease100_delete100")).await
