@@ -136,6 +136,29 @@ fn lease_responses(
     })
 }
 
+/// Answers a stream of settle requests one by one, in order, with up to
+/// [`MAX_PIPELINED_SETTLES`] of them in the batchers at once; a stream-level
+/// error (the client's or the database's) ends the stream.
+fn pipelined<Item, Answer, Handle, HandleFuture>(
+    inbound: Streaming<Item>,
+    shared: Arc<Shared>,
+    handle: Handle,
+) -> ResponseStream<Answer>
+where
+    Item: Send + 'static,
+    Answer: Send + 'static,
+    Handle: Fn(Arc<Shared>, Item) -> HandleFuture + Send + 'static,
+    HandleFuture: Future<Output = Result<Answer, Status>> + Send + 'static,
+{
+    let responses = inbound
+        .map(move |message| {
+            let answer = message.map(|item| handle(shared.clone(), item));
+            async move { answer?.await }
+        })
+        .buffered(MAX_PIPELINED_SETTLES);
+    Box::pin(responses)
+}
+
 /// How a Lease stream ended, as far as its leftover leases are concerned.
 struct StreamEnd {
     /// The status to end the stream with, if the client broke the protocol.
@@ -328,29 +351,17 @@ impl Broker for BrokerService {
     type AckStream = ResponseStream<v1::AckResponse>;
 
     async fn ack(&self, request: Request<Streaming<v1::AckRequest>>) -> Result<Response<Self::AckStream>, Status> {
-        let shared = self.shared.clone();
-        let responses = request
-            .into_inner()
-            .map(move |message| {
-                let shared = shared.clone();
-                async move { BrokerService::ack_one(&shared, message?).await }
-            })
-            .buffered(MAX_PIPELINED_SETTLES);
-        Ok(Response::new(Box::pin(responses)))
+        Ok(Response::new(pipelined(request.into_inner(), self.shared.clone(), |shared, request| async move {
+            BrokerService::ack_one(&shared, request).await
+        })))
     }
 
     type NackStream = ResponseStream<v1::NackResponse>;
 
     async fn nack(&self, request: Request<Streaming<v1::NackRequest>>) -> Result<Response<Self::NackStream>, Status> {
-        let shared = self.shared.clone();
-        let responses = request
-            .into_inner()
-            .map(move |message| {
-                let shared = shared.clone();
-                async move { BrokerService::nack_one(&shared, message?).await }
-            })
-            .buffered(MAX_PIPELINED_SETTLES);
-        Ok(Response::new(Box::pin(responses)))
+        Ok(Response::new(pipelined(request.into_inner(), self.shared.clone(), |shared, request| async move {
+            BrokerService::nack_one(&shared, request).await
+        })))
     }
 
     async fn extend_lease(
