@@ -372,14 +372,7 @@ pub fn render(shared: &Shared) -> String {
         "Jobs by queue and state (database-wide, refreshed every few seconds).",
     );
     for stats in &database.queues {
-        for (state, count) in [
-            ("scheduled", stats.scheduled),
-            ("available", stats.available),
-            ("leased", stats.leased),
-            ("completed", stats.completed),
-            ("dead", stats.dead),
-            ("cancelled", stats.cancelled),
-        ] {
+        for (state, count) in jobs_by_state(stats) {
             sample(&mut out, "workbroker_jobs", &[("queue", &stats.queue), ("state", state)], count);
         }
     }
@@ -499,14 +492,7 @@ pub fn register_opentelemetry(shared: &Arc<Shared>) {
         .with_callback(move |observer| {
             let Some(shared) = weak.upgrade() else { return };
             for stats in shared.metrics.database().queues {
-                for (state, count) in [
-                    ("scheduled", stats.scheduled),
-                    ("available", stats.available),
-                    ("leased", stats.leased),
-                    ("completed", stats.completed),
-                    ("dead", stats.dead),
-                    ("cancelled", stats.cancelled),
-                ] {
+                for (state, count) in jobs_by_state(&stats) {
                     observer.observe(
                         count,
                         &[
@@ -577,6 +563,18 @@ fn register_process_gauges(meter: &opentelemetry::metrics::Meter, weak: Weak<Sha
             })
             .build();
     }
+}
+
+/// A queue's job counts by state label, in the order metrics list them.
+fn jobs_by_state(stats: &QueueStatsRecord) -> [(&'static str, u64); 6] {
+    [
+        ("scheduled", stats.scheduled),
+        ("available", stats.available),
+        ("leased", stats.leased),
+        ("completed", stats.completed),
+        ("dead", stats.dead),
+        ("cancelled", stats.cancelled),
+    ]
 }
 
 #[cfg(test)]

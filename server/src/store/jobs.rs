@@ -677,7 +677,34 @@ impl Store {
         max_attempts: Option<i32>,
         limit: u32,
     ) -> Result<Vec<i64>> {
-        let ids: Vec<i64> = sqlx::query_scalar("WITH picked AS ( SELECT f.id, f.sequence FROM workbroker.finished_jobs f WHERE f.queue = $1 AND f.state = 5 AND (cardinality($2::bigint[]) = 0 OR f.id = ANY($2::bigint[])) AND (f.dedup_key IS NULL OR NOT EXISTS ( SELECT 1 FROM workbroker.jobs j WHERE j.queue = f.queue AND j.dedup_key = f.dedup_key)) ORDER BY f.sequence LIMIT $4 FOR UPDATE OF f SKIP LOCKED), counter AS ( UPDATE workbroker.queues q SET last_sequence = q.last_sequence + (SELECT count(*) FROM picked) WHERE q.name = $1 RETURNING q.last_sequence - (SELECT count(*) FROM picked) AS base), gone AS ( DELETE FROM workbroker.finished_jobs f USING picked p WHERE f.id = p.id RETURNING f.*), numbered AS (SELECT g.*, row_number() OVER (ORDER BY g.sequence) AS position FROM gone g), revived AS ( INSERT INTO workbroker.jobs (id, queue, kind, state, priority, sequence, run_at, created_at, attempt, max_attempts, ordering_key, dedup_key, shard, lease_duration, last_error, payload, attributes) SELECT n.id, n.queue, n.kind, 2, n.priority, c.base + n.position, now(), n.created_at, 0, coalesce($3::integer, n.max_attempts), n.ordering_key, n.dedup_key, n.shard, n.lease_duration, n.last_error, n.payload, n.attributes FROM numbered n CROSS JOIN counter c RETURNING id), notified AS (SELECT pg_notify('workbroker_jobs', $1) WHERE EXISTS (SELECT 1 FROM revived)) SELECT id FROM revived WHERE (SELECT count(*) FROM notified) >= 0 ORDER BY id")
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "WITH picked AS ( \
+                 SELECT f.id, f.sequence FROM workbroker.finished_jobs f \
+                  WHERE f.queue = $1 AND f.state = 5 \
+                    AND (cardinality($2::bigint[]) = 0 OR f.id = ANY($2::bigint[])) \
+                    AND (f.dedup_key IS NULL OR NOT EXISTS ( \
+                          SELECT 1 FROM workbroker.jobs j \
+                           WHERE j.queue = f.queue AND j.dedup_key = f.dedup_key)) \
+                  ORDER BY f.sequence LIMIT $4 FOR UPDATE OF f SKIP LOCKED), \
+             counter AS ( \
+                 UPDATE workbroker.queues q SET last_sequence = q.last_sequence + (SELECT count(*) FROM picked) \
+                  WHERE q.name = $1 \
+                 RETURNING q.last_sequence - (SELECT count(*) FROM picked) AS base), \
+             gone AS ( \
+                 DELETE FROM workbroker.finished_jobs f USING picked p WHERE f.id = p.id RETURNING f.*), \
+             numbered AS (SELECT g.*, row_number() OVER (ORDER BY g.sequence) AS position FROM gone g), \
+             revived AS ( \
+                 INSERT INTO workbroker.jobs (id, queue, kind, state, priority, sequence, run_at, created_at, \
+                     attempt, max_attempts, ordering_key, dedup_key, shard, lease_duration, last_error, \
+                     payload, attributes) \
+                 SELECT n.id, n.queue, n.kind, 2, n.priority, c.base + n.position, now(), n.created_at, 0, \
+                        coalesce($3::integer, n.max_attempts), n.ordering_key, n.dedup_key, n.shard, \
+                        n.lease_duration, n.last_error, n.payload, n.attributes \
+                   FROM numbered n CROSS JOIN counter c \
+                 RETURNING id), \
+             notified AS (SELECT pg_notify('workbroker_jobs', $1) WHERE EXISTS (SELECT 1 FROM revived)) \
+             SELECT id FROM revived WHERE (SELECT count(*) FROM notified) >= 0 ORDER BY id",
+        )
         .bind(queue)
         .bind(job_ids)
         .bind(max_attempts)
