@@ -162,10 +162,9 @@ pub struct WindowError {
 struct Registry {
     streams: HashMap<StreamId, Arc<LeaseStream>>,
     by_queue: HashMap<String, HashSet<StreamId>>,
-    /// Every lease held by a local stream, by token.
-    leases: HashMap<Uuid, StreamId>,
-    /// Queue and trace context of each held lease (for metrics and spans of its settle).
-    lease_info: HashMap<Uuid, LeaseInfo>,
+    /// Every lease held by a local stream, by token: the stream, and the
+    /// job's queue and trace context (for the metrics and spans of its settle).
+    leases: HashMap<Uuid, (StreamId, LeaseInfo)>,
     next_id: StreamId,
 }
 
@@ -173,7 +172,6 @@ impl Registry {
     /// Drops a lease from the registry.
     fn forget(&mut self, lease_token: &Uuid) {
         self.leases.remove(lease_token);
-        self.lease_info.remove(lease_token);
     }
 }
 
@@ -233,7 +231,12 @@ impl Dispatcher {
         leases
             .iter()
             .map(|lease| {
-                registry.lease_info.get(&lease.lease_token).filter(|info| info.job_id == lease.job_id).cloned()
+                registry
+                    .leases
+                    .get(&lease.lease_token)
+                    .map(|(_, info)| info)
+                    .filter(|info| info.job_id == lease.job_id)
+                    .cloned()
             })
             .collect()
     }
@@ -394,7 +397,7 @@ impl Dispatcher {
         {
             let mut registry = self.registry();
             for lease in leases {
-                let Some(stream_id) = registry.leases.get(&lease.lease_token).copied() else {
+                let Some(stream_id) = registry.leases.get(&lease.lease_token).map(|(stream_id, _)| *stream_id) else {
                     foreign.push(*lease);
                     continue;
                 };
@@ -425,7 +428,7 @@ impl Dispatcher {
     pub fn lease_cancelled(&self, job_id: i64, lease_token: Uuid) -> bool {
         let stream = {
             let mut registry = self.registry();
-            let Some(stream_id) = registry.leases.get(&lease_token).copied() else {
+            let Some(stream_id) = registry.leases.get(&lease_token).map(|(stream_id, _)| *stream_id) else {
                 return false;
             };
             let Some(stream) = registry.streams.get(&stream_id).cloned() else {
@@ -593,15 +596,12 @@ impl Dispatcher {
                 for job in &jobs {
                     if let Some(token) = job.lease_token {
                         state.held.insert(token, job.id);
-                        registry.leases.insert(token, stream.id);
-                        registry.lease_info.insert(
-                            token,
-                            LeaseInfo {
-                                job_id: job.id,
-                                queue: Arc::from(job.queue.as_str()),
-                                traceparent: traceparent_of(job).map(Arc::from),
-                            },
-                        );
+                        let info = LeaseInfo {
+                            job_id: job.id,
+                            queue: Arc::from(job.queue.as_str()),
+                            traceparent: traceparent_of(job).map(Arc::from),
+                        };
+                        registry.leases.insert(token, (stream.id, info));
                     }
                 }
                 true
