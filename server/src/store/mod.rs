@@ -59,7 +59,7 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.acquire_timeout)
-            .connect_lazy_with(options.application_name("workbroker"));
+            .connect_lazy_with(options.application_name("workbroker").options([("jit", "off")]));
         Ok(Self { pool })
     }
 
