@@ -153,15 +153,28 @@ fn record_latency(latencies: &Mutex<Histogram<u64>>, payload: &[u8]) {
     }
 }
 
-/// Waits until every job of `queue` is finished; returns the elapsed time since `started`.
-async fn wait_finished(broker: &BrokerUnderTest, queue: &str, started: Instant, limit: Duration) -> Result<Duration> {
-    loop {
-        if broker.unfinished(queue).await? == 0 {
-            return Ok(started.elapsed());
-        }
+/// Waits until the workers acked `expected` jobs (read from their metrics, so
+/// the wait puts no load on the database), then confirms with one query that
+/// nothing of `queue` is left unfinished; returns the elapsed time since
+/// `started`.
+async fn wait_finished(
+    broker: &BrokerUnderTest,
+    metrics: &[WorkerMetrics],
+    expected: u64,
+    queue: &str,
+    started: Instant,
+    limit: Duration,
+) -> Result<Duration> {
+    while acked(metrics) < expected {
         anyhow::ensure!(started.elapsed() < limit, "queue {queue} not drained within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    let elapsed = started.elapsed();
+    while broker.unfinished(queue).await? > 0 {
+        anyhow::ensure!(started.elapsed() < limit, "queue {queue} not drained within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(elapsed)
 }
 
 async fn result(
@@ -219,9 +232,9 @@ async fn drain_queue(
     let before = broker.sample();
     let started = Instant::now();
     let worker_endpoints = sizes.worker_endpoints.clone().unwrap_or_else(|| broker.endpoint.clone());
-    let (_metrics, stop, handles) =
+    let (metrics, stop, handles) =
         start_workers(&worker_endpoints, queue, sizes.workers, sizes.concurrency, None, None).await?;
-    let elapsed = wait_finished(broker, queue, started, Duration::from_secs(600)).await?;
+    let elapsed = wait_finished(broker, &metrics, sizes.jobs, queue, started, Duration::from_secs(600)).await?;
     stop_workers(stop, handles).await;
     result(broker, name, sizes.jobs, elapsed, before, Some("drain_lease100_delete100")).await
 }
@@ -277,7 +290,7 @@ pub async fn steady(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioR
 pub async fn latency(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
     let queue = format!("bench-latency-{}", sizes.rate);
     let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
-    let (_metrics, stop, handles) =
+    let (metrics, stop, handles) =
         start_workers(&broker.endpoint, &queue, 1, sizes.concurrency, None, Some(histogram.clone())).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = broker.sample();
@@ -313,7 +326,7 @@ pub async fn latency(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Scenario
     while let Some(done) = tasks.join_next().await {
         done??;
     }
-    wait_finished(broker, &queue, started, Duration::from_secs(sizes.seconds + 60)).await?;
+    wait_finished(broker, &metrics, total, &queue, started, Duration::from_secs(sizes.seconds + 60)).await?;
     let elapsed = started.elapsed();
     stop_workers(stop, handles).await;
     let histogram = histogram.lock().map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?.clone();
