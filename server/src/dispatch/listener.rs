@@ -75,7 +75,12 @@ impl NotificationListener {
 
     fn handle(&self, channel: &str, payload: &str) {
         if channel == JOBS_CHANNEL {
-            self.dispatcher.queue_has_work(payload);
+            // `queue@origin` comes from an enqueue; this broker's own were
+            // woken locally at commit already.
+            let (queue, origin) = payload.split_at(payload.find('@').unwrap_or(payload.len()));
+            if origin.is_empty() || origin != self.store.notify_suffix() {
+                self.dispatcher.queue_has_work(queue);
+            }
             return;
         }
         if let Some(rest) = payload.strip_prefix("cancel:") {

@@ -105,6 +105,93 @@ macro_rules! return_leases {
     };
 }
 
+/// The enqueue statement. In one snapshot and one implicit or explicit
+/// transaction it:
+/// - takes a range of sequences from each queue's counter (`$1` names in
+///   order, `$2` counts), creating unknown queues; the upsert locks the queue
+///   rows in name order until commit, so concurrent enqueues cannot deadlock
+///   and each queue's sequences become visible in increasing order;
+/// - numbers the jobs (`$3`..`$14`, one array element per job; `$5` is each
+///   job's 1-based place among the batch's jobs of its queue), ids in input
+///   order so that jobs of one priority and time lease in enqueue order, and
+///   inserts them, `$on_conflict` deciding what a dedup-key collision does;
+/// - notifies each queue once, with `$15` naming this broker so that its own
+///   listener can skip what it already woke locally.
+///
+/// Answers `(id, sequence, inserted)` per job, in input order.
+macro_rules! enqueue_statement {
+    ($on_conflict:literal, $inserted:literal, $answer_join:literal) => {
+        concat!(
+            "WITH counts AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS c(name, count)), \
+             counters AS ( \
+                 INSERT INTO workbroker.queues AS q (name, last_sequence) \
+                 SELECT name, count FROM counts ORDER BY name \
+                 ON CONFLICT (name) DO UPDATE SET last_sequence = q.last_sequence + excluded.last_sequence \
+                 RETURNING q.name, q.last_sequence, q.max_attempts), \
+             numbered AS ( \
+                 SELECT u.*, c.last_sequence - n.count + u.place AS sequence, \
+                        c.max_attempts AS queue_max_attempts \
+                   FROM (SELECT nextval('workbroker.job_ids') AS id, u.* \
+                           FROM unnest($3::text[], $4::text[], $5::bigint[], $6::integer[], $7::bigint[], \
+                                       $8::bigint[], $9::integer[], $10::text[], $11::text[], $12::bigint[], \
+                                       $13::bytea[], $14::text[]) \
+                                WITH ORDINALITY AS u(queue, kind, place, priority, run_at_us, delay_us, \
+                                                     max_attempts, ordering_key, dedup_key, lease_us, payload, \
+                                                     attributes, position) \
+                          ORDER BY u.position) u \
+                   JOIN counters c ON c.name = u.queue \
+                   JOIN counts n ON n.name = u.queue), \
+             inserted AS ( \
+                 INSERT INTO workbroker.jobs AS j (id, queue, kind, state, priority, sequence, run_at, \
+                     max_attempts, ordering_key, dedup_key, shard, lease_duration, payload, attributes) \
+                 SELECT i.id, i.queue, i.kind, 2, i.priority, i.sequence, \
+                        coalesce(timestamptz 'epoch' + i.run_at_us * interval '1 microsecond', \
+                                 now() + i.delay_us * interval '1 microsecond'), \
+                        coalesce(i.max_attempts, i.queue_max_attempts), i.ordering_key, i.dedup_key, \
+                        workbroker.shard_of(i.ordering_key, i.id, s.shard_count), \
+                        i.lease_us * interval '1 microsecond', i.payload, \
+                        coalesce(i.attributes::jsonb, '{}'::jsonb) \
+                   FROM numbered i CROSS JOIN workbroker.settings s ",
+            $on_conflict,
+            "), \
+             notified AS (SELECT pg_notify('workbroker_jobs', name || $15) FROM counts) \
+             SELECT n.id, n.sequence, ",
+            $inserted,
+            " AS inserted FROM numbered n ",
+            $answer_join,
+            " WHERE (SELECT count(*) FROM notified) >= 0 \
+              ORDER BY n.position"
+        )
+    };
+}
+
+/// Enqueue of jobs without dedup keys: nothing can collide.
+const ENQUEUE_STATEMENT: &str = enqueue_statement!("", "true", "");
+/// Enqueue that skips jobs whose dedup key an unfinished job holds.
+const ENQUEUE_SKIPPING_CONFLICTS_STATEMENT: &str = enqueue_statement!(
+    "ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING j.id",
+    "i.id IS NOT NULL",
+    "LEFT JOIN inserted i ON i.id = n.id"
+);
+
+/// What the enqueue statement says of one job.
+#[derive(sqlx::FromRow)]
+struct InsertedRow {
+    id: i64,
+    sequence: i64,
+    /// False when an unfinished job held the dedup key.
+    inserted: bool,
+}
+
+/// Whether an insert can meet a dedup-key collision.
+#[derive(Clone, Copy)]
+enum Conflicts {
+    /// No job carries a dedup key.
+    Impossible,
+    /// Colliding jobs are skipped and answered `inserted = false`.
+    Skipped,
+}
+
 fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }
@@ -114,7 +201,23 @@ impl Store {
     /// counter and creating unknown queues. A job whose queue and dedup key
     /// match an unfinished job (or an earlier job of the same batch) is not
     /// inserted: the existing job is returned with `deduplicated`.
+    ///
+    /// Without dedup keys this is one statement, committed on its own (one
+    /// round trip); with dedup keys it is a transaction that looks up the
+    /// jobs it collided with.
     pub async fn jobs_enqueue_many(&self, jobs: &[NewJobRecord]) -> Result<Vec<EnqueuedRecord>> {
+        if jobs.iter().all(|job| job.dedup_key.is_none()) {
+            let all: Vec<usize> = (0..jobs.len()).collect();
+            let rows = self.insert_jobs(&self.pool, jobs, &all, Conflicts::Impossible).await?;
+            return Ok(rows
+                .into_iter()
+                .map(|row| EnqueuedRecord { job_id: row.id, sequence: row.sequence, deduplicated: false })
+                .collect());
+        }
+        self.jobs_enqueue_with_dedup(jobs).await
+    }
+
+    async fn jobs_enqueue_with_dedup(&self, jobs: &[NewJobRecord]) -> Result<Vec<EnqueuedRecord>> {
         // Duplicates inside the batch point at their first occurrence.
         let mut first_with_key: HashMap<(&str, &str), usize> = HashMap::new();
         let mut duplicate_of: Vec<Option<usize>> = Vec::with_capacity(jobs.len());
@@ -131,72 +234,34 @@ impl Store {
             });
             duplicate_of.push(earlier);
         }
-        let mut per_queue: HashMap<&str, i64> = HashMap::new();
-        for (job, earlier) in jobs.iter().zip(&duplicate_of) {
-            if earlier.is_none() {
-                *per_queue.entry(job.queue.as_str()).or_default() += 1;
-            }
-        }
-        let mut queue_names: Vec<&str> = per_queue.keys().copied().collect();
-        queue_names.sort_unstable();
-        let queue_counts: Vec<i64> = queue_names.iter().map(|name| per_queue[name]).collect();
+        let mut pending: Vec<usize> =
+            duplicate_of.iter().enumerate().filter(|(_, earlier)| earlier.is_none()).map(|(index, _)| index).collect();
+        let mut results: Vec<Option<EnqueuedRecord>> = vec![None; jobs.len()];
 
         let mut transaction = self.pool.begin().await?;
-        // Locks each queue row (in name order, so concurrent batches cannot
-        // deadlock) until commit: sequences of a queue become visible in order.
-        let ranges: Vec<(String, i64)> = sqlx::query_as(
-            "INSERT INTO workbroker.queues AS q (name, last_sequence) \
-             SELECT name, count FROM unnest($1::text[], $2::bigint[]) AS i(name, count) ORDER BY name \
-             ON CONFLICT (name) DO UPDATE SET last_sequence = q.last_sequence + excluded.last_sequence \
-             RETURNING name, last_sequence",
-        )
-        .bind(&queue_names)
-        .bind(&queue_counts)
-        .fetch_all(&mut *transaction)
-        .await?;
-        let mut next_sequence: HashMap<String, i64> = ranges
-            .into_iter()
-            .map(|(name, last)| {
-                let count = per_queue.get(name.as_str()).copied().unwrap_or(0);
-                (name, last - count + 1)
-            })
-            .collect();
-
-        let mut results: Vec<Option<EnqueuedRecord>> = vec![None; jobs.len()];
-        let mut pending: Vec<(usize, i64)> = Vec::new();
-        for (index, (job, earlier)) in jobs.iter().zip(&duplicate_of).enumerate() {
-            if earlier.is_some() {
-                continue;
-            }
-            let Some(next) = next_sequence.get_mut(&job.queue) else {
-                return Err(Error::Conflict(format!("queue {} vanished during enqueue", job.queue)));
-            };
-            pending.push((index, *next));
-            *next += 1;
-        }
-
         // A conflicting job can finish between our insert and our look-up; then
-        // the insert is simply tried again (bounded).
+        // the insert is simply tried again (bounded). Each try takes fresh
+        // sequences; the ones a conflict left unused are harmless gaps.
         for _round in 0..5 {
             if pending.is_empty() {
                 break;
             }
-            let inserted = self.insert_jobs(&mut transaction, jobs, &pending).await?;
-            let mut conflicted: Vec<(usize, i64)> = Vec::new();
-            for (index, sequence) in pending.drain(..) {
-                match inserted.get(&(jobs[index].queue.clone(), sequence)) {
-                    Some(job_id) => {
-                        results[index] = Some(EnqueuedRecord { job_id: *job_id, sequence, deduplicated: false })
-                    }
-                    None => conflicted.push((index, sequence)),
+            let rows = self.insert_jobs(&mut *transaction, jobs, &pending, Conflicts::Skipped).await?;
+            let mut conflicted: Vec<usize> = Vec::new();
+            for (index, row) in pending.drain(..).zip(rows) {
+                if row.inserted {
+                    results[index] =
+                        Some(EnqueuedRecord { job_id: row.id, sequence: row.sequence, deduplicated: false });
+                } else {
+                    conflicted.push(index);
                 }
             }
             if conflicted.is_empty() {
                 break;
             }
-            let queues: Vec<&str> = conflicted.iter().map(|(index, _)| jobs[*index].queue.as_str()).collect();
+            let queues: Vec<&str> = conflicted.iter().map(|index| jobs[*index].queue.as_str()).collect();
             let keys: Vec<&str> =
-                conflicted.iter().map(|(index, _)| jobs[*index].dedup_key.as_deref().unwrap_or_default()).collect();
+                conflicted.iter().map(|index| jobs[*index].dedup_key.as_deref().unwrap_or_default()).collect();
             let existing: Vec<(String, String, i64, i64)> = sqlx::query_as(
                 "SELECT j.queue, j.dedup_key, j.id, j.sequence FROM workbroker.jobs j \
                  JOIN unnest($1::text[], $2::text[]) AS i(queue, dedup_key) \
@@ -208,7 +273,7 @@ impl Store {
             .await?;
             let existing: HashMap<(String, String), (i64, i64)> =
                 existing.into_iter().map(|(queue, key, id, sequence)| ((queue, key), (id, sequence))).collect();
-            for (index, sequence) in conflicted {
+            for index in conflicted {
                 let job = &jobs[index];
                 let key = (job.queue.clone(), job.dedup_key.clone().unwrap_or_default());
                 match existing.get(&key) {
@@ -216,18 +281,13 @@ impl Store {
                         results[index] =
                             Some(EnqueuedRecord { job_id: *job_id, sequence: *existing_sequence, deduplicated: true })
                     }
-                    None => pending.push((index, sequence)),
+                    None => pending.push(index),
                 }
             }
         }
         if !pending.is_empty() {
             return Err(Error::Conflict("dedup key kept changing hands during enqueue".to_owned()));
         }
-
-        sqlx::query("SELECT pg_notify('workbroker_jobs', name) FROM unnest($1::text[]) AS name")
-            .bind(&queue_names)
-            .execute(&mut *transaction)
-            .await?;
         transaction.commit().await?;
 
         let mut output = Vec::with_capacity(jobs.len());
@@ -244,18 +304,31 @@ impl Store {
         Ok(output)
     }
 
-    /// Inserts the `pending` jobs (index into `jobs`, sequence), skipping dedup
-    /// conflicts. Returns the ids of inserted jobs by (queue, sequence).
-    async fn insert_jobs(
+    /// Inserts `jobs[index]` for each of `indexes` in one statement: takes
+    /// each queue's sequences (creating unknown queues), inserts, and
+    /// notifies the queues. Answers in the order of `indexes`.
+    async fn insert_jobs<'e>(
         &self,
-        transaction: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+        executor: impl sqlx::PgExecutor<'e>,
         jobs: &[NewJobRecord],
-        pending: &[(usize, i64)],
-    ) -> Result<HashMap<(String, i64), i64>> {
-        let count = pending.len();
+        indexes: &[usize],
+        conflicts: Conflicts,
+    ) -> Result<Vec<InsertedRow>> {
+        let count = indexes.len();
+        // Per queue: how many jobs, and each job's 1-based place among them.
+        let mut per_queue: HashMap<&str, i64> = HashMap::new();
+        let mut offsets = Vec::with_capacity(count);
+        for index in indexes {
+            let seen = per_queue.entry(jobs[*index].queue.as_str()).or_default();
+            *seen += 1;
+            offsets.push(*seen);
+        }
+        let mut queue_names: Vec<&str> = per_queue.keys().copied().collect();
+        queue_names.sort_unstable();
+        let queue_counts: Vec<i64> = queue_names.iter().map(|name| per_queue[name]).collect();
+
         let mut queues = Vec::with_capacity(count);
         let mut kinds = Vec::with_capacity(count);
-        let mut sequences = Vec::with_capacity(count);
         let mut priorities = Vec::with_capacity(count);
         let mut run_at_micros: Vec<Option<i64>> = Vec::with_capacity(count);
         let mut delay_micros: Vec<i64> = Vec::with_capacity(count);
@@ -264,12 +337,11 @@ impl Store {
         let mut dedup_keys: Vec<Option<&str>> = Vec::with_capacity(count);
         let mut lease_micros: Vec<Option<i64>> = Vec::with_capacity(count);
         let mut payloads: Vec<&[u8]> = Vec::with_capacity(count);
-        let mut attributes: Vec<&str> = Vec::with_capacity(count);
-        for (index, sequence) in pending {
+        let mut attributes: Vec<Option<&str>> = Vec::with_capacity(count);
+        for index in indexes {
             let job = &jobs[*index];
             queues.push(job.queue.as_str());
             kinds.push(job.kind.as_str());
-            sequences.push(*sequence);
             priorities.push(job.priority);
             match job.run_at {
                 RunAt::Now => {
@@ -290,43 +362,35 @@ impl Store {
             dedup_keys.push(job.dedup_key.as_deref());
             lease_micros.push(job.lease_duration.map(micros));
             payloads.push(job.payload.as_slice());
-            attributes.push(job.attributes_json.as_str());
+            // No attributes (the common case) spares the database a JSON parse.
+            attributes.push((job.attributes_json != "{}").then_some(job.attributes_json.as_str()));
         }
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "INSERT INTO workbroker.jobs AS j (id, queue, kind, state, priority, sequence, run_at, \
-                 max_attempts, ordering_key, dedup_key, shard, lease_duration, payload, attributes) \
-             SELECT i.id, i.queue, i.kind, 2, i.priority, i.sequence, \
-                    coalesce(timestamptz 'epoch' + i.run_at_us * interval '1 microsecond', \
-                             now() + i.delay_us * interval '1 microsecond'), \
-                    coalesce(i.max_attempts, q.max_attempts), i.ordering_key, i.dedup_key, \
-                    workbroker.shard_of(i.ordering_key, i.id, s.shard_count), \
-                    i.lease_us * interval '1 microsecond', i.payload, i.attributes::jsonb \
-               FROM (SELECT nextval('workbroker.job_ids') AS id, u.* \
-                       FROM unnest($1::text[], $2::text[], $3::bigint[], $4::integer[], $5::bigint[], \
-                                   $6::bigint[], $7::integer[], $8::text[], $9::text[], $10::bigint[], \
-                                   $11::bytea[], $12::text[]) \
-                            AS u(queue, kind, sequence, priority, run_at_us, delay_us, max_attempts, \
-                                 ordering_key, dedup_key, lease_us, payload, attributes)) AS i \
-               JOIN workbroker.queues q ON q.name = i.queue \
-               CROSS JOIN workbroker.settings s \
-             ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING \
-             RETURNING j.queue, j.sequence, j.id",
-        )
-        .bind(&queues)
-        .bind(&kinds)
-        .bind(&sequences)
-        .bind(&priorities)
-        .bind(&run_at_micros)
-        .bind(&delay_micros)
-        .bind(&max_attempts)
-        .bind(&ordering_keys)
-        .bind(&dedup_keys)
-        .bind(&lease_micros)
-        .bind(&payloads)
-        .bind(&attributes)
-        .fetch_all(&mut **transaction)
-        .await?;
-        Ok(rows.into_iter().map(|(queue, sequence, id)| ((queue, sequence), id)).collect())
+        let statement = match conflicts {
+            Conflicts::Impossible => ENQUEUE_STATEMENT,
+            Conflicts::Skipped => ENQUEUE_SKIPPING_CONFLICTS_STATEMENT,
+        };
+        let rows: Vec<InsertedRow> = sqlx::query_as(statement)
+            .bind(&queue_names)
+            .bind(&queue_counts)
+            .bind(&queues)
+            .bind(&kinds)
+            .bind(&offsets)
+            .bind(&priorities)
+            .bind(&run_at_micros)
+            .bind(&delay_micros)
+            .bind(&max_attempts)
+            .bind(&ordering_keys)
+            .bind(&dedup_keys)
+            .bind(&lease_micros)
+            .bind(&payloads)
+            .bind(&attributes)
+            .bind(self.notify_suffix())
+            .fetch_all(executor)
+            .await?;
+        if rows.len() != count {
+            return Err(Error::Conflict(format!("enqueue answered {} rows for {count} jobs", rows.len())));
+        }
+        Ok(rows)
     }
 
     /// Leases up to `limit` available jobs of the given queues (and kinds),
