@@ -6,6 +6,7 @@ mod cancel_and_watch;
 mod cli;
 mod cluster;
 mod discovery;
+mod handoff;
 mod lease_flow;
 mod ordering;
 mod python_worker;

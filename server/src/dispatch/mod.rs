@@ -26,6 +26,7 @@
 //!   that fails (database down) they simply expire.
 
 pub mod batcher;
+mod handoff;
 pub mod listener;
 
 use std::collections::{HashMap, HashSet};
@@ -87,9 +88,18 @@ struct StreamState {
     /// Set when a lease came back short: the epoch it saw. No more leasing
     /// until the epoch moves or the due timer fires.
     dry_at_epoch: Option<u64>,
+    /// Slots promised to jobs being handed off by an enqueue in flight.
+    reserved: u32,
     /// The worker asked for no more jobs.
     draining: bool,
     closed: bool,
+}
+
+impl StreamState {
+    /// Slots neither held nor reserved.
+    fn free(&self) -> u32 {
+        self.window.saturating_sub(u32::try_from(self.held.len()).unwrap_or(u32::MAX)).saturating_sub(self.reserved)
+    }
 }
 
 /// One registered `Lease` stream.
@@ -521,11 +531,10 @@ impl Dispatcher {
                     due_at = None;
                 }
                 let dry = state.dry_at_epoch == Some(state.work_epoch) || state.draining;
-                let free = (state.window as usize).saturating_sub(state.held.len());
-                (if dry { 0 } else { free }, state.work_epoch)
+                (if dry { 0 } else { state.free() }, state.work_epoch)
             };
             if free > 0 {
-                let limit = u32::try_from(free).unwrap_or(MAX_LEASE_BATCH).min(MAX_LEASE_BATCH);
+                let limit = free.min(MAX_LEASE_BATCH);
                 match self.lease_into(&stream, limit).await {
                     Ok(leased) => {
                         error_backoff = Duration::from_millis(100);
@@ -615,14 +624,7 @@ impl Dispatcher {
                 .iter()
                 .filter_map(|job| job.lease_token.map(|lease_token| HeldLease { job_id: job.id, lease_token }))
                 .collect();
-            {
-                let mut registry = self.registry();
-                let mut state = stream.state();
-                for lease in &leases {
-                    state.held.remove(&lease.lease_token);
-                    registry.forget(&lease.lease_token);
-                }
-            }
+            self.forget_leases(&stream, &leases);
             let returned = self
                 .store
                 .jobs_release_many(&leases, "lease handed back: never delivered", ReleaseAttempt::Refunded)
@@ -634,6 +636,16 @@ impl Dispatcher {
             }
         }
         Ok(count)
+    }
+
+    /// Drops leases from a stream and the registry (they are being handed back).
+    fn forget_leases(&self, stream: &LeaseStream, leases: &[HeldLease]) {
+        let mut registry = self.registry();
+        let mut state = stream.state();
+        for lease in leases {
+            state.held.remove(&lease.lease_token);
+            registry.forget(&lease.lease_token);
+        }
     }
 
     async fn next_due(&self, stream: &LeaseStream) -> Option<Instant> {

@@ -80,37 +80,17 @@ impl Batchers {
             queue_capacity: 50_000,
         };
 
-        let enqueue_store = store.clone();
-        let enqueue_metrics = metrics.clone();
         let enqueue_dispatcher = dispatcher.clone();
         let (enqueue, enqueue_loop) = batcher(
             "enqueue",
             enqueue_limits,
             |request: &Vec<NewJobRecord>| request.len(),
             move |requests: Vec<Vec<NewJobRecord>>| {
-                let store = enqueue_store.clone();
-                let metrics = enqueue_metrics.clone();
                 let dispatcher = enqueue_dispatcher.clone();
                 async move {
                     let sizes: Vec<usize> = requests.iter().map(Vec::len).collect();
                     let jobs: Vec<NewJobRecord> = requests.into_iter().flatten().collect();
-                    let enqueued = store.jobs_enqueue_many(&jobs).await?;
-                    // Committed: wake this broker's streams now rather than
-                    // when the notification comes back.
-                    let mut queues: Vec<&str> = jobs.iter().map(|job| job.queue.as_str()).collect();
-                    queues.sort_unstable();
-                    queues.dedup();
-                    for queue in queues {
-                        dispatcher.queue_has_work(queue);
-                    }
-                    metrics.add_by_queue(
-                        JobEvent::Enqueued,
-                        jobs.iter()
-                            .zip(&enqueued)
-                            .filter(|(_, record)| !record.deduplicated)
-                            .map(|(job, _)| job.queue.as_str()),
-                    );
-                    let mut enqueued = enqueued.into_iter();
+                    let mut enqueued = dispatcher.enqueue(jobs).await?.into_iter();
                     Ok(sizes.into_iter().map(|size| enqueued.by_ref().take(size).collect()).collect())
                 }
             },

@@ -8,8 +8,9 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{
-    AckItem, CancelResult, EnqueuedRecord, Error, ExtendItem, ExtendResult, HeldLease, JobRecord, LeaseParams,
-    ListParams, NackItem, NackResult, NewJobRecord, ReleaseAttempt, Result, ReturnedJob, RunAt, SettleOutcome, Store,
+    AckItem, CancelResult, EnqueuedRecord, Error, ExtendItem, ExtendResult, HandedOff, Handoff, HeldLease, JobRecord,
+    LeaseParams, ListParams, NackItem, NackResult, NewJobRecord, ReleaseAttempt, Result, ReturnedJob, RunAt,
+    SettleOutcome, Store,
 };
 
 /// Columns of a job read from the `all_jobs` view (public state included).
@@ -111,14 +112,19 @@ macro_rules! return_leases {
 ///   order, `$2` counts), creating unknown queues; the upsert locks the queue
 ///   rows in name order until commit, so concurrent enqueues cannot deadlock
 ///   and each queue's sequences become visible in increasing order;
-/// - numbers the jobs (`$3`..`$14`, one array element per job; `$5` is each
+/// - numbers the jobs (`$3`..`$16`, one array element per job; `$5` is each
 ///   job's 1-based place among the batch's jobs of its queue), ids in input
 ///   order so that jobs of one priority and time lease in enqueue order, and
 ///   inserts them, `$on_conflict` deciding what a dedup-key collision does;
-/// - notifies each queue once, with `$15` naming this broker so that its own
+/// - inserts a job that has a hand-off worker (`$15`, with that stream's
+///   lease duration `$16`) as already LEASED to it, with a fresh token, unless
+///   its queue is paused;
+/// - notifies each queue once, with `$17` naming this broker so that its own
 ///   listener can skip what it already woke locally.
 ///
-/// Answers `(id, sequence, inserted)` per job, in input order.
+/// Answers per job, in input order, `(id, sequence, inserted, lease_token,
+/// lease_expires_at, max_attempts, now)`; the lease columns are NULL unless
+/// the job was handed off.
 macro_rules! enqueue_statement {
     ($on_conflict:literal, $inserted:literal, $answer_join:literal) => {
         concat!(
@@ -127,37 +133,50 @@ macro_rules! enqueue_statement {
                  INSERT INTO workbroker.queues AS q (name, last_sequence) \
                  SELECT name, count FROM counts ORDER BY name \
                  ON CONFLICT (name) DO UPDATE SET last_sequence = q.last_sequence + excluded.last_sequence \
-                 RETURNING q.name, q.last_sequence, q.max_attempts), \
+                 RETURNING q.name, q.last_sequence, q.max_attempts, q.paused, q.lease_duration), \
              numbered AS ( \
                  SELECT u.*, c.last_sequence - n.count + u.place AS sequence, \
-                        c.max_attempts AS queue_max_attempts \
+                        coalesce(u.max_attempts, c.max_attempts) AS effective_max_attempts, \
+                        CASE WHEN u.handoff_worker IS NOT NULL AND NOT c.paused \
+                             THEN gen_random_uuid() END AS lease_token, \
+                        now() + coalesce(u.handoff_lease_us * interval '1 microsecond', \
+                                         u.lease_us * interval '1 microsecond', c.lease_duration) AS lease_expires_at \
                    FROM (SELECT nextval('workbroker.job_ids') AS id, u.* \
                            FROM unnest($3::text[], $4::text[], $5::bigint[], $6::integer[], $7::bigint[], \
                                        $8::bigint[], $9::integer[], $10::text[], $11::text[], $12::bigint[], \
-                                       $13::bytea[], $14::text[]) \
+                                       $13::bytea[], $14::text[], $15::text[], $16::bigint[]) \
                                 WITH ORDINALITY AS u(queue, kind, place, priority, run_at_us, delay_us, \
                                                      max_attempts, ordering_key, dedup_key, lease_us, payload, \
-                                                     attributes, position) \
+                                                     attributes, handoff_worker, handoff_lease_us, position) \
                           ORDER BY u.position) u \
                    JOIN counters c ON c.name = u.queue \
                    JOIN counts n ON n.name = u.queue), \
              inserted AS ( \
                  INSERT INTO workbroker.jobs AS j (id, queue, kind, state, priority, sequence, run_at, \
-                     max_attempts, ordering_key, dedup_key, shard, lease_duration, payload, attributes) \
-                 SELECT i.id, i.queue, i.kind, 2, i.priority, i.sequence, \
+                     max_attempts, ordering_key, dedup_key, shard, lease_duration, payload, attributes, \
+                     attempt, lease_token, lease_expires_at, leased_by, leased_at) \
+                 SELECT i.id, i.queue, i.kind, CASE WHEN i.lease_token IS NULL THEN 2 ELSE 3 END, \
+                        i.priority, i.sequence, \
                         coalesce(timestamptz 'epoch' + i.run_at_us * interval '1 microsecond', \
                                  now() + i.delay_us * interval '1 microsecond'), \
-                        coalesce(i.max_attempts, i.queue_max_attempts), i.ordering_key, i.dedup_key, \
+                        i.effective_max_attempts, i.ordering_key, i.dedup_key, \
                         workbroker.shard_of(i.ordering_key, i.id, s.shard_count), \
                         i.lease_us * interval '1 microsecond', i.payload, \
-                        coalesce(i.attributes::jsonb, '{}'::jsonb) \
+                        coalesce(i.attributes::jsonb, '{}'::jsonb), \
+                        CASE WHEN i.lease_token IS NULL THEN 0 ELSE 1 END, i.lease_token, \
+                        CASE WHEN i.lease_token IS NOT NULL THEN i.lease_expires_at END, \
+                        CASE WHEN i.lease_token IS NOT NULL THEN i.handoff_worker END, \
+                        CASE WHEN i.lease_token IS NOT NULL THEN now() END \
                    FROM numbered i CROSS JOIN workbroker.settings s ",
             $on_conflict,
             "), \
-             notified AS (SELECT pg_notify('workbroker_jobs', name || $15) FROM counts) \
+             notified AS (SELECT pg_notify('workbroker_jobs', name || $17) FROM counts) \
              SELECT n.id, n.sequence, ",
             $inserted,
-            " AS inserted FROM numbered n ",
+            " AS inserted, n.lease_token, \
+                    CASE WHEN n.lease_token IS NOT NULL THEN n.lease_expires_at END AS lease_expires_at, \
+                    n.effective_max_attempts AS max_attempts, now() AS now \
+               FROM numbered n ",
             $answer_join,
             " WHERE (SELECT count(*) FROM notified) >= 0 \
               ORDER BY n.position"
@@ -181,6 +200,23 @@ struct InsertedRow {
     sequence: i64,
     /// False when an unfinished job held the dedup key.
     inserted: bool,
+    lease_token: Option<Uuid>,
+    lease_expires_at: Option<DateTime<Utc>>,
+    max_attempts: i32,
+    /// The statement's time: the job's creation (and hand-off) time.
+    now: DateTime<Utc>,
+}
+
+impl InsertedRow {
+    fn record(&self) -> EnqueuedRecord {
+        let handed_off = match (self.lease_token, self.lease_expires_at) {
+            (Some(lease_token), Some(lease_expires_at)) => {
+                Some(HandedOff { lease_token, lease_expires_at, max_attempts: self.max_attempts, leased_at: self.now })
+            }
+            _ => None,
+        };
+        EnqueuedRecord { job_id: self.id, sequence: self.sequence, deduplicated: false, handed_off }
+    }
 }
 
 /// Whether an insert can meet a dedup-key collision.
@@ -205,14 +241,20 @@ impl Store {
     /// Without dedup keys this is one statement, committed on its own (one
     /// round trip); with dedup keys it is a transaction that looks up the
     /// jobs it collided with.
-    pub async fn jobs_enqueue_many(&self, jobs: &[NewJobRecord]) -> Result<Vec<EnqueuedRecord>> {
+    ///
+    /// `handoffs` (empty, or one per job) names the local lease stream a job
+    /// goes to directly: such a job is inserted LEASED to that stream's
+    /// worker (unless its queue is paused) and its record carries the lease.
+    /// Only the one-statement path hands off.
+    pub async fn jobs_enqueue_many(
+        &self,
+        jobs: &[NewJobRecord],
+        handoffs: &[Option<Handoff<'_>>],
+    ) -> Result<Vec<EnqueuedRecord>> {
         if jobs.iter().all(|job| job.dedup_key.is_none()) {
             let all: Vec<usize> = (0..jobs.len()).collect();
-            let rows = self.insert_jobs(&self.pool, jobs, &all, Conflicts::Impossible).await?;
-            return Ok(rows
-                .into_iter()
-                .map(|row| EnqueuedRecord { job_id: row.id, sequence: row.sequence, deduplicated: false })
-                .collect());
+            let rows = self.insert_jobs(&self.pool, jobs, &all, handoffs, Conflicts::Impossible).await?;
+            return Ok(rows.iter().map(InsertedRow::record).collect());
         }
         self.jobs_enqueue_with_dedup(jobs).await
     }
@@ -246,12 +288,11 @@ impl Store {
             if pending.is_empty() {
                 break;
             }
-            let rows = self.insert_jobs(&mut *transaction, jobs, &pending, Conflicts::Skipped).await?;
+            let rows = self.insert_jobs(&mut *transaction, jobs, &pending, &[], Conflicts::Skipped).await?;
             let mut conflicted: Vec<usize> = Vec::new();
             for (index, row) in pending.drain(..).zip(rows) {
                 if row.inserted {
-                    results[index] =
-                        Some(EnqueuedRecord { job_id: row.id, sequence: row.sequence, deduplicated: false });
+                    results[index] = Some(row.record());
                 } else {
                     conflicted.push(index);
                 }
@@ -278,8 +319,12 @@ impl Store {
                 let key = (job.queue.clone(), job.dedup_key.clone().unwrap_or_default());
                 match existing.get(&key) {
                     Some((job_id, existing_sequence)) => {
-                        results[index] =
-                            Some(EnqueuedRecord { job_id: *job_id, sequence: *existing_sequence, deduplicated: true })
+                        results[index] = Some(EnqueuedRecord {
+                            job_id: *job_id,
+                            sequence: *existing_sequence,
+                            deduplicated: true,
+                            handed_off: None,
+                        })
                     }
                     None => pending.push(index),
                 }
@@ -305,13 +350,15 @@ impl Store {
     }
 
     /// Inserts `jobs[index]` for each of `indexes` in one statement: takes
-    /// each queue's sequences (creating unknown queues), inserts, and
-    /// notifies the queues. Answers in the order of `indexes`.
+    /// each queue's sequences (creating unknown queues), inserts (handing
+    /// off as `handoffs[index]` says, when given), and notifies the queues.
+    /// Answers in the order of `indexes`.
     async fn insert_jobs<'e>(
         &self,
         executor: impl sqlx::PgExecutor<'e>,
         jobs: &[NewJobRecord],
         indexes: &[usize],
+        handoffs: &[Option<Handoff<'_>>],
         conflicts: Conflicts,
     ) -> Result<Vec<InsertedRow>> {
         let count = indexes.len();
@@ -338,8 +385,13 @@ impl Store {
         let mut lease_micros: Vec<Option<i64>> = Vec::with_capacity(count);
         let mut payloads: Vec<&[u8]> = Vec::with_capacity(count);
         let mut attributes: Vec<Option<&str>> = Vec::with_capacity(count);
+        let mut handoff_workers: Vec<Option<&str>> = Vec::with_capacity(count);
+        let mut handoff_lease_micros: Vec<Option<i64>> = Vec::with_capacity(count);
         for index in indexes {
             let job = &jobs[*index];
+            let handoff = handoffs.get(*index).copied().flatten();
+            handoff_workers.push(handoff.map(|handoff| handoff.worker_id));
+            handoff_lease_micros.push(handoff.and_then(|handoff| handoff.lease_duration).map(micros));
             queues.push(job.queue.as_str());
             kinds.push(job.kind.as_str());
             priorities.push(job.priority);
@@ -384,6 +436,8 @@ impl Store {
             .bind(&lease_micros)
             .bind(&payloads)
             .bind(&attributes)
+            .bind(&handoff_workers)
+            .bind(&handoff_lease_micros)
             .bind(self.notify_suffix())
             .fetch_all(executor)
             .await?;

@@ -178,6 +178,26 @@ pub struct EnqueuedRecord {
     pub job_id: i64,
     pub sequence: i64,
     pub deduplicated: bool,
+    /// The lease the job was inserted under, when it was handed off.
+    pub handed_off: Option<HandedOff>,
+}
+
+/// A local lease stream that takes a new job straight from its enqueue.
+#[derive(Clone, Copy, Debug)]
+pub struct Handoff<'a> {
+    pub worker_id: &'a str,
+    /// The stream's lease duration; `None`: the job's own, else its queue's.
+    pub lease_duration: Option<Duration>,
+}
+
+/// The lease of a job that was handed off at enqueue (attempt 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HandedOff {
+    pub lease_token: Uuid,
+    pub lease_expires_at: DateTime<Utc>,
+    pub max_attempts: i32,
+    /// When the job was created and leased (one instant).
+    pub leased_at: DateTime<Utc>,
 }
 
 /// A job as read from the database, with its public state.
