@@ -624,7 +624,7 @@ impl Dispatcher {
                 .iter()
                 .filter_map(|job| job.lease_token.map(|lease_token| HeldLease { job_id: job.id, lease_token }))
                 .collect();
-            self.forget_leases(&stream, &leases);
+            self.forget_leases(stream, &leases);
             let returned = self
                 .store
                 .jobs_release_many(&leases, "lease handed back: never delivered", ReleaseAttempt::Refunded)
