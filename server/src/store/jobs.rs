@@ -122,9 +122,10 @@ macro_rules! return_leases {
 /// - notifies each queue once, with `$17` naming this broker so that its own
 ///   listener can skip what it already woke locally.
 ///
-/// Answers per job, in input order, `(id, sequence, inserted, lease_token,
-/// lease_expires_at, max_attempts, now)`; the lease columns are NULL unless
-/// the job was handed off.
+/// Answers per job `(id, sequence, inserted, position, lease_token,
+/// lease_expires_at, max_attempts, leased_at)`; the lease columns are NULL
+/// unless the job was handed off. Arrays whose every value is the default
+/// may be NULL.
 macro_rules! enqueue_statement {
     ($on_conflict:literal, $inserted:literal, $answer_join:literal) => {
         concat!(
@@ -156,12 +157,12 @@ macro_rules! enqueue_statement {
                      max_attempts, ordering_key, dedup_key, shard, lease_duration, payload, attributes, \
                      attempt, lease_token, lease_expires_at, leased_by, leased_at) \
                  SELECT i.id, i.queue, i.kind, CASE WHEN i.lease_token IS NULL THEN 2 ELSE 3 END, \
-                        i.priority, i.sequence, \
+                        coalesce(i.priority, 0), i.sequence, \
                         coalesce(timestamptz 'epoch' + i.run_at_us * interval '1 microsecond', \
-                                 now() + i.delay_us * interval '1 microsecond'), \
+                                 now() + coalesce(i.delay_us, 0) * interval '1 microsecond'), \
                         i.effective_max_attempts, i.ordering_key, i.dedup_key, \
                         workbroker.shard_of(i.ordering_key, i.id, s.shard_count), \
-                        i.lease_us * interval '1 microsecond', i.payload, \
+                        i.lease_us * interval '1 microsecond', coalesce(i.payload, ''::bytea), \
                         coalesce(i.attributes::jsonb, '{}'::jsonb), \
                         CASE WHEN i.lease_token IS NULL THEN 0 ELSE 1 END, i.lease_token, \
                         CASE WHEN i.lease_token IS NOT NULL THEN i.lease_expires_at END, \
@@ -173,13 +174,13 @@ macro_rules! enqueue_statement {
              notified AS (SELECT pg_notify('workbroker_jobs', name || $17) FROM counts) \
              SELECT n.id, n.sequence, ",
             $inserted,
-            " AS inserted, n.lease_token, \
+            " AS inserted, n.position, n.lease_token, \
                     CASE WHEN n.lease_token IS NOT NULL THEN n.lease_expires_at END AS lease_expires_at, \
-                    n.effective_max_attempts AS max_attempts, now() AS now \
+                    CASE WHEN n.lease_token IS NOT NULL THEN n.effective_max_attempts END AS max_attempts, \
+                    CASE WHEN n.lease_token IS NOT NULL THEN now() END AS leased_at \
                FROM numbered n ",
             $answer_join,
-            " WHERE (SELECT count(*) FROM notified) >= 0 \
-              ORDER BY n.position"
+            " WHERE (SELECT count(*) FROM notified) >= 0"
         )
     };
 }
@@ -200,18 +201,19 @@ struct InsertedRow {
     sequence: i64,
     /// False when an unfinished job held the dedup key.
     inserted: bool,
+    /// 1-based place in the statement's input.
+    position: i64,
     lease_token: Option<Uuid>,
     lease_expires_at: Option<DateTime<Utc>>,
-    max_attempts: i32,
-    /// The statement's time: the job's creation (and hand-off) time.
-    now: DateTime<Utc>,
+    max_attempts: Option<i32>,
+    leased_at: Option<DateTime<Utc>>,
 }
 
 impl InsertedRow {
     fn record(&self) -> EnqueuedRecord {
-        let handed_off = match (self.lease_token, self.lease_expires_at) {
-            (Some(lease_token), Some(lease_expires_at)) => {
-                Some(HandedOff { lease_token, lease_expires_at, max_attempts: self.max_attempts, leased_at: self.now })
+        let handed_off = match (self.lease_token, self.lease_expires_at, self.max_attempts, self.leased_at) {
+            (Some(lease_token), Some(lease_expires_at), Some(max_attempts), Some(leased_at)) => {
+                Some(HandedOff { lease_token, lease_expires_at, max_attempts, leased_at })
             }
             _ => None,
         };
@@ -226,6 +228,11 @@ enum Conflicts {
     Impossible,
     /// Colliding jobs are skipped and answered `inserted = false`.
     Skipped,
+}
+
+/// `None` when every value is the default (`is_default`), else the values.
+fn unless_all<T>(values: Vec<T>, is_default: impl Fn(&T) -> bool) -> Option<Vec<T>> {
+    if values.iter().all(is_default) { None } else { Some(values) }
 }
 
 fn micros(duration: Duration) -> i64 {
@@ -421,26 +428,33 @@ impl Store {
             Conflicts::Impossible => ENQUEUE_STATEMENT,
             Conflicts::Skipped => ENQUEUE_SKIPPING_CONFLICTS_STATEMENT,
         };
-        let rows: Vec<InsertedRow> = sqlx::query_as(statement)
+        // A column whose every value is the default goes as one NULL array
+        // (unnest pads it with NULLs): nothing to encode, send or unpack.
+        let mut rows: Vec<InsertedRow> = sqlx::query_as(statement)
             .bind(&queue_names)
             .bind(&queue_counts)
             .bind(&queues)
             .bind(&kinds)
             .bind(&offsets)
-            .bind(&priorities)
-            .bind(&run_at_micros)
-            .bind(&delay_micros)
-            .bind(&max_attempts)
-            .bind(&ordering_keys)
-            .bind(&dedup_keys)
-            .bind(&lease_micros)
-            .bind(&payloads)
-            .bind(&attributes)
-            .bind(&handoff_workers)
-            .bind(&handoff_lease_micros)
+            .bind(unless_all(priorities, |priority| *priority == 0))
+            .bind(unless_all(run_at_micros, Option::is_none))
+            .bind(unless_all(delay_micros, |delay| *delay == 0))
+            .bind(unless_all(max_attempts, Option::is_none))
+            .bind(unless_all(ordering_keys, Option::is_none))
+            .bind(unless_all(dedup_keys, Option::is_none))
+            .bind(unless_all(lease_micros, Option::is_none))
+            .bind(unless_all(payloads, |payload| payload.is_empty()))
+            .bind(unless_all(attributes, Option::is_none))
+            .bind(unless_all(handoff_workers, Option::is_none))
+            .bind(unless_all(handoff_lease_micros, Option::is_none))
             .bind(self.notify_suffix())
             .fetch_all(executor)
             .await?;
+        // The statement answers in input order in practice; nothing in SQL
+        // promises it without a sort, so check (cheap) rather than trust.
+        if !rows.is_sorted_by_key(|row| row.position) {
+            rows.sort_unstable_by_key(|row| row.position);
+        }
         if rows.len() != count {
             return Err(Error::Conflict(format!("enqueue answered {} rows for {count} jobs", rows.len())));
         }
