@@ -76,6 +76,11 @@ pub struct ServeArgs {
     #[arg(long, env = "WORKBROKER_REAPER_INTERVAL_MS", default_value_t = 1000)]
     pub reaper_interval_ms: u64,
 
+    /// Enqueue statements this replica runs at once; waiting requests are
+    /// grouped into the next one.
+    #[arg(long, env = "WORKBROKER_ENQUEUE_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub enqueue_concurrency: u16,
+
     /// Shards jobs are spread over; applied only to a database without jobs (default: stored, 64).
     #[arg(long, env = "WORKBROKER_SHARD_COUNT", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub shard_count: Option<u32>,
@@ -166,7 +171,10 @@ impl ServeArgs {
             },
             member_id,
             advertise_address: self.advertise_address.clone(),
-            batchers: BatcherSettings::default(),
+            batchers: BatcherSettings {
+                max_concurrent_enqueues: usize::from(self.enqueue_concurrency),
+                ..BatcherSettings::default()
+            },
             watch_poll_interval: Duration::from_millis(500),
             etcd: self.etcd.etcd_config(),
             shard_count: self.shard_count,

@@ -108,6 +108,51 @@ async fn dead_and_cancelled_jobs_count_as_finished() -> Result<()> {
     broker.finish().await
 }
 
+/// The enqueue barrier (migration 0004): an enqueue that has taken its
+/// sequence but not committed holds watermark reads back, so a later
+/// enqueue that committed first cannot carry the watermark past it.
+#[tokio::test]
+async fn a_watermark_read_waits_for_an_enqueue_in_flight() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let pool = broker.database.pool().await?;
+    let store = workbroker_server::store::Store::from_pool(pool.clone());
+    // The queue exists (a queue created by an uncommitted enqueue would hold
+    // other enqueues into it until that commits).
+    broker
+        .admin()
+        .await
+        .configure_queue(v1::ConfigureQueueRequest { queue: "barrier".into(), ..Default::default() })
+        .await?;
+
+    let mut in_flight = pool.begin().await?;
+    let (first_sequence,): (i64,) = sqlx::query_as(
+        "SELECT sequence FROM workbroker.enqueue_jobs(ARRAY['barrier'], ARRAY['k'], NULL, NULL, NULL, NULL, NULL, \
+                NULL, NULL, NULL, NULL, NULL, NULL, '')",
+    )
+    .fetch_one(&mut *in_flight)
+    .await?;
+    assert_eq!(first_sequence, 1);
+    // A later enqueue is not held back, and commits first.
+    let later = client.enqueue(v1::EnqueueRequest { jobs: vec![new_job("barrier", "k")] }).await?.into_inner();
+    assert_eq!(later.jobs[0].sequence, 2);
+    let mut worker = Worker::on(&mut client, &["barrier"], 1).await?;
+    let leased = worker.take_jobs(1, WAIT).await?;
+    ack_all(&mut client, leased.iter().map(ack_of).collect()).await?;
+
+    // Job 2 is done and job 1 is not visible yet: a read now would say 2.
+    let queues = vec!["barrier".to_owned()];
+    let read = tokio::spawn(async move { store.queue_watermarks(&queues).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!read.is_finished(), "the watermark read must wait for the enqueue in flight");
+    in_flight.commit().await?;
+    let watermarks = read.await??;
+    let read = watermarks.get("barrier").context("the queue's watermark")?;
+    assert_eq!((read.completed_watermark, read.last_sequence), (0, 2));
+    pool.close().await;
+    broker.finish().await
+}
+
 #[tokio::test]
 async fn sequence_gaps_from_deduplicated_enqueues_do_not_stall_the_watermark() -> Result<()> {
     let broker = TestBroker::start().await?;

@@ -1,17 +1,24 @@
 //! Group commit: callers from every stream submit single items; one loop
 //! gathers whatever is waiting into a batch and runs one statement for it.
 //!
-//! There is no artificial delay: while up to `max_concurrent_flushes` batches
-//! are in the database, new items queue up, and the next batch takes all of
-//! them (up to `max_batch_weight`). Under light load a batch is one item and
-//! latency is one statement; under heavy load batches grow by themselves.
+//! There is no artificial delay: while batches are in the database, new
+//! items wait, and the next batch takes all of them (up to
+//! `max_batch_weight`). Under light load a batch is one item and latency is
+//! one statement; under heavy load batches grow by themselves.
+//!
+//! A batch starts when nothing is in flight, or, up to
+//! `max_concurrent_flushes`, when what waits weighs at least `overlap_weight`:
+//! small items then wait for the running batch and go together into the next
+//! (fewer, larger statements: the cheapest use of the database's CPU), while
+//! heavy work runs side by side on several connections.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::store;
 
@@ -65,6 +72,8 @@ pub struct BatcherLimits {
     pub max_batch_weight: usize,
     /// Batches in the database at once.
     pub max_concurrent_flushes: usize,
+    /// Weight of waiting items that starts a batch while another one runs.
+    pub overlap_weight: usize,
     /// Items waiting beyond the running batches before submitters wait.
     pub queue_capacity: usize,
 }
@@ -103,69 +112,102 @@ where
     /// Runs until `shutdown`; then answers what is already queued and waits
     /// for running batches. Items submitted after that get `ShuttingDown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let permits = Arc::new(Semaphore::new(self.limits.max_concurrent_flushes.max(1)));
-        let flushes = TaskTracker::new();
+        let mut flushes: JoinSet<()> = JoinSet::new();
+        let mut waiting: VecDeque<Pending<Item, Output>> = VecDeque::new();
+        let mut waiting_weight = 0;
+        let mut receiving = true;
+        let mut closing = false;
         loop {
-            let Ok(permit) = permits.clone().acquire_owned().await else {
+            while let Some(batch) = self.next_batch(&mut waiting, &mut waiting_weight, flushes.len()) {
+                flushes.spawn(self.flush(batch));
+            }
+            if !receiving && waiting.is_empty() && flushes.is_empty() {
                 break;
-            };
-            let first = tokio::select! {
-                pending = self.receiver.recv() => pending,
-                () = shutdown.cancelled() => {
-                    self.receiver.close();
-                    self.receiver.recv().await
-                }
-            };
-            let Some(first) = first else { break };
-            let mut weight = (self.weigh)(&first.item);
-            let mut batch = vec![first];
-            while weight < self.limits.max_batch_weight {
-                match self.receiver.try_recv() {
-                    Ok(pending) => {
-                        weight += (self.weigh)(&pending.item);
-                        batch.push(pending);
+            }
+            tokio::select! {
+                received = self.receiver.recv(), if receiving => match received {
+                    Some(pending) => {
+                        waiting_weight += (self.weigh)(&pending.item);
+                        waiting.push_back(pending);
+                        // Take whatever else is already there before deciding.
+                        while waiting_weight < self.limits.max_batch_weight {
+                            let Ok(pending) = self.receiver.try_recv() else { break };
+                            waiting_weight += (self.weigh)(&pending.item);
+                            waiting.push_back(pending);
+                        }
                     }
-                    Err(_) => break,
+                    None => receiving = false,
+                },
+                Some(_) = flushes.join_next(), if !flushes.is_empty() => {}
+                () = shutdown.cancelled(), if !closing => {
+                    closing = true;
+                    self.receiver.close();
                 }
             }
-            let (items, replies): (Vec<Item>, Vec<_>) =
-                batch.into_iter().map(|pending| (pending.item, pending.reply)).unzip();
-            let flush = (self.flush)(items);
-            let name = self.name;
-            flushes.spawn(async move {
-                let expected = replies.len();
-                match flush.await {
-                    Ok(outputs) if outputs.len() == expected => {
-                        for (reply, output) in replies.into_iter().zip(outputs) {
-                            let _ = reply.send(Ok(output));
-                        }
-                    }
-                    Ok(outputs) => {
-                        tracing::error!(
-                            batcher = name,
-                            expected,
-                            got = outputs.len(),
-                            "batch answered the wrong number of items"
-                        );
-                        let error =
-                            Arc::new(store::Error::Conflict("batch answered the wrong number of items".to_owned()));
-                        for reply in replies {
-                            let _ = reply.send(Err(error.clone()));
-                        }
-                    }
-                    Err(error) => {
-                        tracing::warn!(batcher = name, items = expected, %error, "batch failed");
-                        let error = Arc::new(error);
-                        for reply in replies {
-                            let _ = reply.send(Err(error.clone()));
-                        }
+        }
+    }
+
+    /// The next batch to start, if the policy says one starts now.
+    fn next_batch(
+        &self,
+        waiting: &mut VecDeque<Pending<Item, Output>>,
+        waiting_weight: &mut usize,
+        in_flight: usize,
+    ) -> Option<Vec<Pending<Item, Output>>> {
+        let may_start = in_flight == 0
+            || (in_flight < self.limits.max_concurrent_flushes && *waiting_weight >= self.limits.overlap_weight);
+        if waiting.is_empty() || !may_start {
+            return None;
+        }
+        let mut batch = Vec::new();
+        let mut weight = 0;
+        while let Some(pending) = waiting.front() {
+            let item_weight = (self.weigh)(&pending.item);
+            if !batch.is_empty() && weight + item_weight > self.limits.max_batch_weight {
+                break;
+            }
+            weight += item_weight;
+            batch.extend(waiting.pop_front());
+        }
+        *waiting_weight -= weight;
+        Some(batch)
+    }
+
+    /// Runs one batch and answers each of its items.
+    fn flush(&self, batch: Vec<Pending<Item, Output>>) -> impl Future<Output = ()> + Send + 'static {
+        let (items, replies): (Vec<Item>, Vec<_>) =
+            batch.into_iter().map(|pending| (pending.item, pending.reply)).unzip();
+        let flush = (self.flush)(items);
+        let name = self.name;
+        async move {
+            let expected = replies.len();
+            match flush.await {
+                Ok(outputs) if outputs.len() == expected => {
+                    for (reply, output) in replies.into_iter().zip(outputs) {
+                        let _ = reply.send(Ok(output));
                     }
                 }
-                drop(permit);
-            });
+                Ok(outputs) => {
+                    tracing::error!(
+                        batcher = name,
+                        expected,
+                        got = outputs.len(),
+                        "batch answered the wrong number of items"
+                    );
+                    let error = Arc::new(store::Error::Conflict("batch answered the wrong number of items".to_owned()));
+                    for reply in replies {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(batcher = name, items = expected, %error, "batch failed");
+                    let error = Arc::new(error);
+                    for reply in replies {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                }
+            }
         }
-        flushes.close();
-        flushes.wait().await;
     }
 }
 
@@ -178,7 +220,8 @@ mod tests {
     async fn answers_every_item_in_order_and_coalesces_under_load() {
         let batches = Arc::new(AtomicUsize::new(0));
         let counter = batches.clone();
-        let limits = BatcherLimits { max_batch_weight: 100, max_concurrent_flushes: 1, queue_capacity: 1000 };
+        let limits =
+            BatcherLimits { max_batch_weight: 100, max_concurrent_flushes: 1, overlap_weight: 1, queue_capacity: 1000 };
         let (handle, batch_loop) = batcher(
             "test",
             limits,
@@ -209,9 +252,62 @@ mod tests {
         assert!(matches!(handle.submit(1).await, Err(SubmitError::ShuttingDown)));
     }
 
+    /// Runs `items` (each weighing its value) through a batcher that allows
+    /// two flushes but overlaps only from weight 10; returns the most flushes
+    /// seen in flight at once.
+    async fn most_in_flight(items: Vec<usize>) -> usize {
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let (counter, peak) = (in_flight.clone(), most.clone());
+        let limits =
+            BatcherLimits { max_batch_weight: 15, max_concurrent_flushes: 2, overlap_weight: 10, queue_capacity: 100 };
+        let (handle, batch_loop) = batcher(
+            "test",
+            limits,
+            |item: &usize| *item,
+            move |items: Vec<usize>| {
+                let (counter, peak) = (counter.clone(), peak.clone());
+                async move {
+                    let now = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                    peak.fetch_max(now, Ordering::SeqCst);
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    counter.fetch_sub(1, Ordering::SeqCst);
+                    Ok(items)
+                }
+            },
+        );
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(batch_loop.run(shutdown.clone()));
+        let calls: Vec<_> = items
+            .into_iter()
+            .enumerate()
+            .map(|(index, item)| {
+                let handle = handle.clone();
+                tokio::spawn(async move {
+                    // One by one, 3 ms apart: they arrive while a flush runs.
+                    tokio::time::sleep(std::time::Duration::from_millis(3 * index as u64)).await;
+                    handle.submit(item).await
+                })
+            })
+            .collect();
+        for call in calls {
+            call.await.expect("task").expect("answer");
+        }
+        shutdown.cancel();
+        running.await.expect("loop ends");
+        most.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test]
+    async fn light_items_wait_for_the_running_batch_and_heavy_ones_overlap_it() {
+        assert_eq!(most_in_flight(vec![1; 6]).await, 1, "light items wait for the running batch");
+        assert_eq!(most_in_flight(vec![1, 12, 12, 12]).await, 2, "heavy items overlap, up to the limit");
+    }
+
     #[tokio::test]
     async fn a_failed_batch_fails_each_of_its_items() {
-        let limits = BatcherLimits { max_batch_weight: 10, max_concurrent_flushes: 1, queue_capacity: 10 };
+        let limits =
+            BatcherLimits { max_batch_weight: 10, max_concurrent_flushes: 1, overlap_weight: 1, queue_capacity: 10 };
         let (handle, batch_loop) = batcher(
             "test",
             limits,

@@ -44,13 +44,20 @@ pub struct BatcherSettings {
     pub max_enqueue_batch: usize,
     /// Most acks or nacks one statement settles.
     pub max_settle_batch: usize,
-    /// Ack or nack statements in flight at once (enqueues run one at a time).
+    /// Ack or nack statements in flight at once.
     pub max_concurrent_flushes: usize,
+    /// Enqueue statements in flight at once.
+    pub max_concurrent_enqueues: usize,
 }
 
 impl Default for BatcherSettings {
     fn default() -> Self {
-        Self { max_enqueue_batch: 5_000, max_settle_batch: 2_000, max_concurrent_flushes: 4 }
+        Self {
+            max_enqueue_batch: 5_000,
+            max_settle_batch: 2_000,
+            max_concurrent_flushes: 4,
+            max_concurrent_enqueues: 2,
+        }
     }
 }
 
@@ -65,18 +72,18 @@ impl Batchers {
         shutdown: &CancellationToken,
         metrics: &Arc<Metrics>,
     ) -> Self {
-        // One enqueue statement at a time: enqueues into a queue serialize on
-        // its counter row anyway (that is what keeps sequences and the
-        // watermark exact), so concurrent flushes would only split the
-        // waiting requests into smaller batches.
         let enqueue_limits = BatcherLimits {
             max_batch_weight: settings.max_enqueue_batch,
-            max_concurrent_flushes: 1,
+            max_concurrent_flushes: settings.max_concurrent_enqueues,
+            // Small enqueues wait for the running statement and go together
+            // into the next; a full bulk request runs beside it.
+            overlap_weight: 1_000,
             queue_capacity: 10_000,
         };
         let settle_limits = BatcherLimits {
             max_batch_weight: settings.max_settle_batch,
             max_concurrent_flushes: settings.max_concurrent_flushes,
+            overlap_weight: 1,
             queue_capacity: 50_000,
         };
 

@@ -106,103 +106,15 @@ macro_rules! return_leases {
     };
 }
 
-/// The enqueue statement. In one snapshot and one implicit or explicit
-/// transaction it:
-/// - takes a range of sequences from each queue's counter (`$1` names in
-///   order, `$2` counts), creating unknown queues; the upsert locks the queue
-///   rows in name order until commit, so concurrent enqueues cannot deadlock
-///   and each queue's sequences become visible in increasing order;
-/// - numbers the jobs (`$3`..`$16`, one array element per job; `$5` is each
-///   job's 1-based place among the batch's jobs of its queue), ids in input
-///   order so that jobs of one priority and time lease in enqueue order, and
-///   inserts them, `$on_conflict` deciding what a dedup-key collision does;
-/// - inserts a job that has a hand-off worker (`$15`, with that stream's
-///   lease duration `$16`) as already LEASED to it, with a fresh token, unless
-///   its queue is paused;
-/// - notifies each queue once, with `$17` naming this broker so that its own
-///   listener can skip what it already woke locally.
-///
-/// Answers per job `(id, sequence, inserted, position, lease_token,
-/// lease_expires_at, max_attempts, leased_at)`; the lease columns are NULL
-/// unless the job was handed off. Arrays whose every value is the default
-/// may be NULL.
-macro_rules! enqueue_statement {
-    ($on_conflict:literal, $inserted:literal, $answer_join:literal) => {
-        concat!(
-            "WITH counts AS (SELECT * FROM unnest($1::text[], $2::bigint[]) AS c(name, count)), \
-             counters AS ( \
-                 INSERT INTO workbroker.queues AS q (name, last_sequence) \
-                 SELECT name, count FROM counts ORDER BY name \
-                 ON CONFLICT (name) DO UPDATE SET last_sequence = q.last_sequence + excluded.last_sequence \
-                 RETURNING q.name, q.last_sequence, q.max_attempts, q.paused, q.lease_duration), \
-             numbered AS ( \
-                 SELECT u.*, c.last_sequence - n.count + u.place AS sequence, \
-                        coalesce(u.max_attempts, c.max_attempts) AS effective_max_attempts, \
-                        CASE WHEN u.handoff_worker IS NOT NULL AND NOT c.paused \
-                             THEN gen_random_uuid() END AS lease_token, \
-                        now() + coalesce(u.handoff_lease_us * interval '1 microsecond', \
-                                         u.lease_us * interval '1 microsecond', c.lease_duration) AS lease_expires_at \
-                   FROM (SELECT nextval('workbroker.job_ids') AS id, u.* \
-                           FROM unnest($3::text[], $4::text[], $5::bigint[], $6::integer[], $7::bigint[], \
-                                       $8::bigint[], $9::integer[], $10::text[], $11::text[], $12::bigint[], \
-                                       $13::bytea[], $14::text[], $15::text[], $16::bigint[]) \
-                                WITH ORDINALITY AS u(queue, kind, place, priority, run_at_us, delay_us, \
-                                                     max_attempts, ordering_key, dedup_key, lease_us, payload, \
-                                                     attributes, handoff_worker, handoff_lease_us, position) \
-                          ORDER BY u.position) u \
-                   JOIN counters c ON c.name = u.queue \
-                   JOIN counts n ON n.name = u.queue), \
-             inserted AS ( \
-                 INSERT INTO workbroker.jobs AS j (id, queue, kind, state, priority, sequence, run_at, \
-                     max_attempts, ordering_key, dedup_key, shard, lease_duration, payload, attributes, \
-                     attempt, lease_token, lease_expires_at, leased_by, leased_at) \
-                 SELECT i.id, i.queue, i.kind, CASE WHEN i.lease_token IS NULL THEN 2 ELSE 3 END, \
-                        coalesce(i.priority, 0), i.sequence, \
-                        coalesce(timestamptz 'epoch' + i.run_at_us * interval '1 microsecond', \
-                                 now() + coalesce(i.delay_us, 0) * interval '1 microsecond'), \
-                        i.effective_max_attempts, i.ordering_key, i.dedup_key, \
-                        workbroker.shard_of(i.ordering_key, i.id, s.shard_count), \
-                        i.lease_us * interval '1 microsecond', coalesce(i.payload, ''::bytea), \
-                        coalesce(i.attributes::jsonb, '{}'::jsonb), \
-                        CASE WHEN i.lease_token IS NULL THEN 0 ELSE 1 END, i.lease_token, \
-                        CASE WHEN i.lease_token IS NOT NULL THEN i.lease_expires_at END, \
-                        CASE WHEN i.lease_token IS NOT NULL THEN i.handoff_worker END, \
-                        CASE WHEN i.lease_token IS NOT NULL THEN now() END \
-                   FROM numbered i CROSS JOIN workbroker.settings s ",
-            $on_conflict,
-            "), \
-             notified AS (SELECT pg_notify('workbroker_jobs', name || $17) FROM counts) \
-             SELECT n.id, n.sequence, ",
-            $inserted,
-            " AS inserted, n.position, n.lease_token, \
-                    CASE WHEN n.lease_token IS NOT NULL THEN n.lease_expires_at END AS lease_expires_at, \
-                    CASE WHEN n.lease_token IS NOT NULL THEN n.effective_max_attempts END AS max_attempts, \
-                    CASE WHEN n.lease_token IS NOT NULL THEN now() END AS leased_at \
-               FROM numbered n ",
-            $answer_join,
-            " WHERE (SELECT count(*) FROM notified) >= 0"
-        )
-    };
-}
-
-/// Enqueue of jobs without dedup keys: nothing can collide.
-const ENQUEUE_STATEMENT: &str = enqueue_statement!("", "true", "");
-/// Enqueue that skips jobs whose dedup key an unfinished job holds.
-const ENQUEUE_SKIPPING_CONFLICTS_STATEMENT: &str = enqueue_statement!(
-    "ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING RETURNING j.id",
-    "i.id IS NOT NULL",
-    "LEFT JOIN inserted i ON i.id = n.id"
-);
-
-/// What the enqueue statement says of one job.
+/// What `workbroker.enqueue_jobs` says of one job.
 #[derive(sqlx::FromRow)]
 struct InsertedRow {
     id: i64,
     sequence: i64,
     /// False when an unfinished job held the dedup key.
     inserted: bool,
-    /// 1-based place in the statement's input.
-    position: i64,
+    /// 1-based place in the function's input.
+    place: i64,
     lease_token: Option<Uuid>,
     lease_expires_at: Option<DateTime<Utc>>,
     max_attempts: Option<i32>,
@@ -221,15 +133,6 @@ impl InsertedRow {
     }
 }
 
-/// Whether an insert can meet a dedup-key collision.
-#[derive(Clone, Copy)]
-enum Conflicts {
-    /// No job carries a dedup key.
-    Impossible,
-    /// Colliding jobs are skipped and answered `inserted = false`.
-    Skipped,
-}
-
 /// `None` when every value is the default (`is_default`), else the values.
 fn unless_all<T>(values: Vec<T>, is_default: impl Fn(&T) -> bool) -> Option<Vec<T>> {
     if values.iter().all(is_default) { None } else { Some(values) }
@@ -240,8 +143,8 @@ fn micros(duration: Duration) -> i64 {
 }
 
 impl Store {
-    /// Inserts jobs (all or nothing), taking sequence numbers from each queue's
-    /// counter and creating unknown queues. A job whose queue and dedup key
+    /// Inserts jobs (all or nothing), numbering them from each queue's
+    /// sequence and creating unknown queues. A job whose queue and dedup key
     /// match an unfinished job (or an earlier job of the same batch) is not
     /// inserted: the existing job is returned with `deduplicated`.
     ///
@@ -260,7 +163,7 @@ impl Store {
     ) -> Result<Vec<EnqueuedRecord>> {
         if jobs.iter().all(|job| job.dedup_key.is_none()) {
             let all: Vec<usize> = (0..jobs.len()).collect();
-            let rows = self.insert_jobs(&self.pool, jobs, &all, handoffs, Conflicts::Impossible).await?;
+            let rows = self.insert_jobs(&self.pool, jobs, &all, handoffs).await?;
             return Ok(rows.iter().map(InsertedRow::record).collect());
         }
         self.jobs_enqueue_with_dedup(jobs).await
@@ -295,7 +198,7 @@ impl Store {
             if pending.is_empty() {
                 break;
             }
-            let rows = self.insert_jobs(&mut *transaction, jobs, &pending, &[], Conflicts::Skipped).await?;
+            let rows = self.insert_jobs(&mut *transaction, jobs, &pending, &[]).await?;
             let mut conflicted: Vec<usize> = Vec::new();
             for (index, row) in pending.drain(..).zip(rows) {
                 if row.inserted {
@@ -356,31 +259,19 @@ impl Store {
         Ok(output)
     }
 
-    /// Inserts `jobs[index]` for each of `indexes` in one statement: takes
-    /// each queue's sequences (creating unknown queues), inserts (handing
-    /// off as `handoffs[index]` says, when given), and notifies the queues.
-    /// Answers in the order of `indexes`.
+    /// Inserts `jobs[index]` for each of `indexes` with one call of
+    /// `workbroker.enqueue_jobs` (migration 0004): creates unknown queues,
+    /// takes their enqueue barrier, numbers, inserts (handing off as
+    /// `handoffs[index]` says, when given; skipping dedup-key collisions) and
+    /// notifies the queues. Answers in the order of `indexes`.
     async fn insert_jobs<'e>(
         &self,
         executor: impl sqlx::PgExecutor<'e>,
         jobs: &[NewJobRecord],
         indexes: &[usize],
         handoffs: &[Option<Handoff<'_>>],
-        conflicts: Conflicts,
     ) -> Result<Vec<InsertedRow>> {
         let count = indexes.len();
-        // Per queue: how many jobs, and each job's 1-based place among them.
-        let mut per_queue: HashMap<&str, i64> = HashMap::new();
-        let mut offsets = Vec::with_capacity(count);
-        for index in indexes {
-            let seen = per_queue.entry(jobs[*index].queue.as_str()).or_default();
-            *seen += 1;
-            offsets.push(*seen);
-        }
-        let mut queue_names: Vec<&str> = per_queue.keys().copied().collect();
-        queue_names.sort_unstable();
-        let queue_counts: Vec<i64> = queue_names.iter().map(|name| per_queue[name]).collect();
-
         let mut queues = Vec::with_capacity(count);
         let mut kinds = Vec::with_capacity(count);
         let mut priorities = Vec::with_capacity(count);
@@ -424,36 +315,31 @@ impl Store {
             // No attributes (the common case) spares the database a JSON parse.
             attributes.push((job.attributes_json != "{}").then_some(job.attributes_json.as_str()));
         }
-        let statement = match conflicts {
-            Conflicts::Impossible => ENQUEUE_STATEMENT,
-            Conflicts::Skipped => ENQUEUE_SKIPPING_CONFLICTS_STATEMENT,
-        };
         // A column whose every value is the default goes as one NULL array
         // (unnest pads it with NULLs): nothing to encode, send or unpack.
-        let mut rows: Vec<InsertedRow> = sqlx::query_as(statement)
-            .bind(&queue_names)
-            .bind(&queue_counts)
-            .bind(&queues)
-            .bind(&kinds)
-            .bind(&offsets)
-            .bind(unless_all(priorities, |priority| *priority == 0))
-            .bind(unless_all(run_at_micros, Option::is_none))
-            .bind(unless_all(delay_micros, |delay| *delay == 0))
-            .bind(unless_all(max_attempts, Option::is_none))
-            .bind(unless_all(ordering_keys, Option::is_none))
-            .bind(unless_all(dedup_keys, Option::is_none))
-            .bind(unless_all(lease_micros, Option::is_none))
-            .bind(unless_all(payloads, |payload| payload.is_empty()))
-            .bind(unless_all(attributes, Option::is_none))
-            .bind(unless_all(handoff_workers, Option::is_none))
-            .bind(unless_all(handoff_lease_micros, Option::is_none))
-            .bind(self.notify_suffix())
-            .fetch_all(executor)
-            .await?;
-        // The statement answers in input order in practice; nothing in SQL
+        let mut rows: Vec<InsertedRow> = sqlx::query_as(
+            "SELECT * FROM workbroker.enqueue_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(&queues)
+        .bind(&kinds)
+        .bind(unless_all(priorities, |priority| *priority == 0))
+        .bind(unless_all(run_at_micros, Option::is_none))
+        .bind(unless_all(delay_micros, |delay| *delay == 0))
+        .bind(unless_all(max_attempts, Option::is_none))
+        .bind(unless_all(ordering_keys, Option::is_none))
+        .bind(unless_all(dedup_keys, Option::is_none))
+        .bind(unless_all(lease_micros, Option::is_none))
+        .bind(unless_all(payloads, |payload| payload.is_empty()))
+        .bind(unless_all(attributes, Option::is_none))
+        .bind(unless_all(handoff_workers, Option::is_none))
+        .bind(unless_all(handoff_lease_micros, Option::is_none))
+        .bind(self.notify_suffix())
+        .fetch_all(executor)
+        .await?;
+        // The function answers in input order in practice; nothing in SQL
         // promises it without a sort, so check (cheap) rather than trust.
-        if !rows.is_sorted_by_key(|row| row.position) {
-            rows.sort_unstable_by_key(|row| row.position);
+        if !rows.is_sorted_by_key(|row| row.place) {
+            rows.sort_unstable_by_key(|row| row.place);
         }
         if rows.len() != count {
             return Err(Error::Conflict(format!("enqueue answered {} rows for {count} jobs", rows.len())));
@@ -809,6 +695,13 @@ impl Store {
         max_attempts: Option<i32>,
         limit: u32,
     ) -> Result<Vec<i64>> {
+        // New sequences are taken under the queue's enqueue barrier, like
+        // any enqueue's (see migration 0004).
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("SELECT workbroker.enqueue_barrier(ARRAY[$1], false)")
+            .bind(queue)
+            .execute(&mut *transaction)
+            .await?;
         let ids: Vec<i64> = sqlx::query_scalar(
             "WITH picked AS ( \
                  SELECT f.id, f.sequence FROM workbroker.finished_jobs f \
@@ -818,21 +711,21 @@ impl Store {
                           SELECT 1 FROM workbroker.jobs j \
                            WHERE j.queue = f.queue AND j.dedup_key = f.dedup_key)) \
                   ORDER BY f.sequence LIMIT $4 FOR UPDATE OF f SKIP LOCKED), \
-             counter AS ( \
-                 UPDATE workbroker.queues q SET last_sequence = q.last_sequence + (SELECT count(*) FROM picked) \
-                  WHERE q.name = $1 \
-                 RETURNING q.last_sequence - (SELECT count(*) FROM picked) AS base), \
              gone AS ( \
                  DELETE FROM workbroker.finished_jobs f USING picked p WHERE f.id = p.id RETURNING f.*), \
-             numbered AS (SELECT g.*, row_number() OVER (ORDER BY g.sequence) AS position FROM gone g), \
+             numbered AS ( \
+                 SELECT g.*, nextval(g.queue_sequence) AS new_sequence \
+                   FROM (SELECT gone.*, q.sequence AS queue_sequence \
+                           FROM gone JOIN workbroker.queues q ON q.name = gone.queue \
+                          ORDER BY gone.sequence) g), \
              revived AS ( \
                  INSERT INTO workbroker.jobs (id, queue, kind, state, priority, sequence, run_at, created_at, \
                      attempt, max_attempts, ordering_key, dedup_key, shard, lease_duration, last_error, \
                      payload, attributes) \
-                 SELECT n.id, n.queue, n.kind, 2, n.priority, c.base + n.position, now(), n.created_at, 0, \
+                 SELECT n.id, n.queue, n.kind, 2, n.priority, n.new_sequence, now(), n.created_at, 0, \
                         coalesce($3::integer, n.max_attempts), n.ordering_key, n.dedup_key, n.shard, \
                         n.lease_duration, n.last_error, n.payload, n.attributes \
-                   FROM numbered n CROSS JOIN counter c \
+                   FROM numbered n \
                  RETURNING id), \
              notified AS (SELECT pg_notify('workbroker_jobs', $1) WHERE EXISTS (SELECT 1 FROM revived)) \
              SELECT id FROM revived WHERE (SELECT count(*) FROM notified) >= 0 ORDER BY id",
@@ -841,8 +734,9 @@ impl Store {
         .bind(job_ids)
         .bind(max_attempts)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *transaction)
         .await?;
+        transaction.commit().await?;
         Ok(ids)
     }
 

@@ -26,7 +26,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use uuid::Uuid;
 
 pub use error::{Error, Result};
-pub use queues::{QueueRecord, QueueSettingsPatch, QueueStatsRecord};
+pub use queues::{QueueRecord, QueueSettingsPatch, QueueStatsRecord, QueueWatermark};
 
 /// Channel carrying the name of a queue that may have new or changed work.
 pub const JOBS_CHANNEL: &str = "workbroker_jobs";

@@ -1,5 +1,6 @@
 //! Queue statements: settings, pause/resume, stats and the completed watermark.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -92,8 +93,13 @@ struct QueueStatsRow {
     dead: i64,
     cancelled: i64,
     oldest_available_us: Option<i64>,
-    completed_watermark: i64,
-    last_sequence: i64,
+}
+
+/// A queue's completed watermark and the last sequence it handed out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueWatermark {
+    pub completed_watermark: u64,
+    pub last_sequence: u64,
 }
 
 fn count(value: i64) -> u64 {
@@ -186,26 +192,22 @@ impl Store {
     /// Counts per state, the oldest available job's age and the completed
     /// watermark, for one queue or (with `None`) every queue, by name.
     ///
-    /// The watermark is `min(sequence of unfinished jobs) - 1`, or the queue's
-    /// last sequence when nothing is unfinished, read in one snapshot with the
-    /// counter. Enqueues hold the queue row lock from taking sequences until
-    /// commit, so no sequence can become visible below a watermark read here.
+    /// The counts come from one statement; the watermarks from
+    /// [`Store::queue_watermarks`], taken right after.
     pub async fn queue_stats(&self, queue: Option<&str>) -> Result<Vec<QueueStatsRecord>> {
         let rows = sqlx::query_as::<_, QueueStatsRow>(
-            "SELECT q.name AS queue, q.paused, q.last_sequence, \
+            "SELECT q.name AS queue, q.paused, \
                     coalesce(h.scheduled, 0) AS scheduled, coalesce(h.available, 0) AS available, \
                     coalesce(h.leased, 0) AS leased, coalesce(f.completed, 0) AS completed, \
                     coalesce(f.dead, 0) AS dead, coalesce(f.cancelled, 0) AS cancelled, \
-                    h.oldest_available_us, \
-                    coalesce(h.min_sequence - 1, q.last_sequence) AS completed_watermark \
+                    h.oldest_available_us \
                FROM workbroker.queues q \
                LEFT JOIN LATERAL ( \
                    SELECT count(*) FILTER (WHERE j.state = 2 AND j.run_at > now()) AS scheduled, \
                           count(*) FILTER (WHERE j.state = 2 AND j.run_at <= now()) AS available, \
                           count(*) FILTER (WHERE j.state = 3) AS leased, \
                           (extract(epoch FROM now() - min(j.run_at) FILTER (WHERE j.state = 2 AND j.run_at <= now())) \
-                              * 1e6)::bigint AS oldest_available_us, \
-                          min(j.sequence) AS min_sequence \
+                              * 1e6)::bigint AS oldest_available_us \
                      FROM workbroker.jobs j WHERE j.queue = q.name) h ON true \
                LEFT JOIN LATERAL ( \
                    SELECT count(*) FILTER (WHERE f.state = 4) AS completed, \
@@ -218,20 +220,57 @@ impl Store {
         .bind(queue)
         .fetch_all(&self.pool)
         .await?;
+        let names: Vec<String> = rows.iter().map(|row| row.queue.clone()).collect();
+        let watermarks = self.queue_watermarks(&names).await?;
         Ok(rows
             .into_iter()
-            .map(|row| QueueStatsRecord {
-                queue: row.queue,
-                paused: row.paused,
-                scheduled: count(row.scheduled),
-                available: count(row.available),
-                leased: count(row.leased),
-                completed: count(row.completed),
-                dead: count(row.dead),
-                cancelled: count(row.cancelled),
-                oldest_available_age: duration_from_micros(row.oldest_available_us.unwrap_or(0)),
-                completed_watermark: count(row.completed_watermark),
-                last_sequence: count(row.last_sequence),
+            .map(|row| {
+                let watermark = watermarks.get(&row.queue).copied().unwrap_or_default();
+                QueueStatsRecord {
+                    scheduled: count(row.scheduled),
+                    available: count(row.available),
+                    leased: count(row.leased),
+                    completed: count(row.completed),
+                    dead: count(row.dead),
+                    cancelled: count(row.cancelled),
+                    oldest_available_age: duration_from_micros(row.oldest_available_us.unwrap_or(0)),
+                    completed_watermark: watermark.completed_watermark,
+                    last_sequence: watermark.last_sequence,
+                    queue: row.queue,
+                    paused: row.paused,
+                }
+            })
+            .collect())
+    }
+
+    /// The completed watermark and last sequence of each named queue.
+    ///
+    /// The watermark is `min(sequence of unfinished jobs) - 1`, or the
+    /// queue's last sequence when nothing is unfinished. It is read under the
+    /// queues' enqueue barrier, taken exclusive (migration 0004): no sequence
+    /// is in flight then, so every sequence up to the last one is committed
+    /// or abandoned, and none can later appear below the watermark read here.
+    /// The barrier is held for this transaction's two statements only.
+    pub async fn queue_watermarks(&self, queues: &[String]) -> Result<HashMap<String, QueueWatermark>> {
+        if queues.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query("SELECT workbroker.enqueue_barrier($1, true)").bind(queues).execute(&mut *transaction).await?;
+        let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(
+            "SELECT q.name, workbroker.queue_last_sequence(q.sequence), \
+                    (SELECT min(j.sequence) FROM workbroker.jobs j WHERE j.queue = q.name) \
+               FROM workbroker.queues q WHERE q.name = ANY($1)",
+        )
+        .bind(queues)
+        .fetch_all(&mut *transaction)
+        .await?;
+        transaction.commit().await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, last_sequence, lowest_unfinished)| {
+                let watermark = lowest_unfinished.map_or(last_sequence, |lowest| (lowest - 1).min(last_sequence));
+                (name, QueueWatermark { completed_watermark: count(watermark), last_sequence: count(last_sequence) })
             })
             .collect())
     }
