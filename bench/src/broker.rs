@@ -9,6 +9,37 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use sqlx::{Connection, PgConnection, PgPool};
 
+/// Sizes of the job tables (heap and indexes, in bytes) and row counts as
+/// PostgreSQL's statistics see them.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, sqlx::FromRow)]
+pub struct TableSizes {
+    pub hot_table_bytes: i64,
+    pub hot_index_bytes: i64,
+    pub finished_table_bytes: i64,
+    pub finished_index_bytes: i64,
+    pub hot_live_rows: i64,
+    pub hot_dead_rows: i64,
+    pub finished_live_rows: i64,
+    pub autovacuum_runs: i64,
+}
+
+impl TableSizes {
+    pub fn describe(&self) -> String {
+        let mib = |bytes: i64| bytes as f64 / (1024.0 * 1024.0);
+        format!(
+            "jobs {:.1} MiB + indexes {:.1} MiB ({} live, {} dead rows); finished_jobs {:.1} MiB + indexes {:.1} MiB ({} rows); {} autovacuum runs",
+            mib(self.hot_table_bytes),
+            mib(self.hot_index_bytes),
+            self.hot_live_rows,
+            self.hot_dead_rows,
+            mib(self.finished_table_bytes),
+            mib(self.finished_index_bytes),
+            self.finished_live_rows,
+            self.autovacuum_runs
+        )
+    }
+}
+
 /// CPU seconds and memory of the broker process.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct ProcessSample {
@@ -123,13 +154,30 @@ impl BrokerUnderTest {
         })
     }
 
-    /// Total size of the job tables and their indexes, in bytes.
-    pub async fn database_bytes(&self) -> Result<(i64, i64)> {
+    /// Sizes of the job tables and their indexes, and vacuum's progress.
+    pub async fn table_sizes(&self) -> Result<TableSizes> {
         Ok(sqlx::query_as(
-            "SELECT pg_total_relation_size('workbroker.jobs'), pg_total_relation_size('workbroker.finished_jobs')",
+            "SELECT pg_relation_size('workbroker.jobs') AS hot_table_bytes, \
+                    pg_indexes_size('workbroker.jobs') AS hot_index_bytes, \
+                    pg_relation_size('workbroker.finished_jobs') AS finished_table_bytes, \
+                    pg_indexes_size('workbroker.finished_jobs') AS finished_index_bytes, \
+                    coalesce(h.n_live_tup, 0) AS hot_live_rows, coalesce(h.n_dead_tup, 0) AS hot_dead_rows, \
+                    coalesce(f.n_live_tup, 0) AS finished_live_rows, \
+                    coalesce(h.autovacuum_count, 0) + coalesce(f.autovacuum_count, 0) AS autovacuum_runs \
+               FROM pg_stat_user_tables h, pg_stat_user_tables f \
+              WHERE h.relid = 'workbroker.jobs'::regclass AND f.relid = 'workbroker.finished_jobs'::regclass",
         )
         .fetch_one(&self.pool)
         .await?)
+    }
+
+    /// Deletes a queue's jobs (the harness's own queues, after a run that
+    /// filled them), then vacuums, so later runs start from the same sizes.
+    pub async fn delete_queue_jobs(&self, queue: &str) -> Result<()> {
+        sqlx::query("DELETE FROM workbroker.jobs WHERE queue = $1").bind(queue).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM workbroker.finished_jobs WHERE queue = $1").bind(queue).execute(&self.pool).await?;
+        sqlx::query("VACUUM workbroker.jobs, workbroker.finished_jobs").execute(&self.pool).await?;
+        Ok(())
     }
 
     /// Unfinished jobs of a queue (cheap: the hot table only).

@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! workbroker-bench --start all                 # start the release broker on a fresh database
+//! workbroker-bench --start --repeat 1 --seconds 600 steady   # the 10-minute steady run
 //! workbroker-bench --endpoint http://127.0.0.1:50051 --database-url postgres://... drain
 //! ```
 
@@ -15,6 +16,7 @@ mod scenarios;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
@@ -88,6 +90,18 @@ struct Args {
     /// Leases held at once while RSS is sampled (backlog scenario).
     #[arg(long, default_value_t = 10_000)]
     leases_in_flight: u32,
+    /// Jobs drained (and timed) from each backlog.
+    #[arg(long, default_value_t = 10_000)]
+    backlog_drain: u64,
+    /// Completed-job retention of the steady scenario's queue, in seconds.
+    #[arg(long, default_value_t = 60)]
+    steady_retention_seconds: u64,
+    /// Seconds between two samples of the table sizes in the steady scenario.
+    #[arg(long, default_value_t = 60)]
+    size_sample_seconds: u64,
+    /// Runs of each scenario; the table shows the median.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=100))]
+    repeat: u16,
     /// Endpoints the drain workers connect to, comma-separated (e.g. every
     /// replica of a cluster); default: the broker under test.
     #[arg(long)]
@@ -98,6 +112,35 @@ struct Args {
     /// Where to write the JSON report.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+/// One run of a scenario; a scenario that fails is reported as such.
+async fn run_scenario(
+    scenario: Scenario,
+    broker: &BrokerUnderTest,
+    sizes: &Sizes,
+    rates: &[u64],
+) -> Vec<report::ScenarioResult> {
+    let outcome: Result<Vec<report::ScenarioResult>> = match scenario {
+        Scenario::EnqueueBulk => scenarios::enqueue_bulk(broker, sizes).await.map(|result| vec![result]),
+        Scenario::EnqueueSingle => scenarios::enqueue_single(broker, sizes).await.map(|result| vec![result]),
+        Scenario::Drain => scenarios::drain(broker, sizes).await.map(|result| vec![result]),
+        Scenario::Ordered => scenarios::ordered(broker, sizes).await.map(|result| vec![result]),
+        Scenario::Steady => scenarios::steady(broker, sizes).await.map(|result| vec![result]),
+        Scenario::Latency => {
+            let mut runs = Vec::new();
+            for rate in rates {
+                match scenarios::latency(broker, &Sizes { rate: *rate, ..sizes.clone() }).await {
+                    Ok(result) => runs.push(result),
+                    Err(error) => runs.push(report::failed(&format!("latency @ {rate}/s"), &error)),
+                }
+            }
+            Ok(runs)
+        }
+        Scenario::Backlog => scenarios::backlog(broker, sizes).await,
+        Scenario::All => Ok(Vec::new()),
+    };
+    outcome.unwrap_or_else(|error| vec![report::failed(&format!("{scenario:?}"), &error)])
 }
 
 fn expand(scenarios: &[Scenario]) -> Vec<Scenario> {
@@ -136,43 +179,34 @@ async fn main() -> Result<()> {
     };
     let mut results = Vec::new();
     for scenario in expand(&args.scenarios) {
-        let sizes = Sizes {
-            jobs: args.jobs,
-            producers: args.producers,
-            workers: args.workers,
-            concurrency: args.concurrency,
-            seconds: args.seconds,
-            rate: 0,
-            backlog: args.backlog,
-            small_backlog: args.small_backlog,
-            keys: args.keys,
-            leases_in_flight: args.leases_in_flight,
-            worker_endpoints: args.worker_endpoints.clone(),
-        };
         eprintln!("running {scenario:?}");
-        let outcome: Result<Vec<report::ScenarioResult>> = match scenario {
-            Scenario::EnqueueBulk => scenarios::enqueue_bulk(&broker, &sizes).await.map(|result| vec![result]),
-            Scenario::EnqueueSingle => scenarios::enqueue_single(&broker, &sizes).await.map(|result| vec![result]),
-            Scenario::Drain => scenarios::drain(&broker, &sizes).await.map(|result| vec![result]),
-            Scenario::Ordered => scenarios::ordered(&broker, &sizes).await.map(|result| vec![result]),
-            Scenario::Steady => scenarios::steady(&broker, &sizes).await.map(|result| vec![result]),
-            Scenario::Latency => {
-                let mut runs = Vec::new();
-                for rate in &args.rates {
-                    match scenarios::latency(&broker, &Sizes { rate: *rate, ..sizes.clone() }).await {
-                        Ok(result) => runs.push(result),
-                        Err(error) => runs.push(report::failed(&format!("latency @ {rate}/s"), &error)),
-                    }
-                }
-                Ok(runs)
-            }
-            Scenario::Backlog => scenarios::backlog(&broker, &sizes).await,
-            Scenario::All => Ok(Vec::new()),
-        };
-        // A scenario that fails is reported as such; the others still run.
-        match outcome {
-            Ok(done) => results.extend(done),
-            Err(error) => results.push(report::failed(&format!("{scenario:?}"), &error)),
+        let mut repetitions: Vec<Vec<report::ScenarioResult>> = Vec::new();
+        for run in 0..usize::from(args.repeat) {
+            let sizes = Sizes {
+                jobs: args.jobs,
+                producers: args.producers,
+                workers: args.workers,
+                concurrency: args.concurrency,
+                seconds: args.seconds,
+                rate: 0,
+                backlog: args.backlog,
+                small_backlog: args.small_backlog,
+                keys: args.keys,
+                leases_in_flight: args.leases_in_flight,
+                backlog_drain: args.backlog_drain,
+                steady_retention: Duration::from_secs(args.steady_retention_seconds),
+                size_sample_interval: Duration::from_secs(args.size_sample_seconds.max(1)),
+                run,
+                worker_endpoints: args.worker_endpoints.clone(),
+            };
+            repetitions.push(run_scenario(scenario, &broker, &sizes, &args.rates).await);
+        }
+        // The i-th result of every repetition is the same measurement.
+        let width = repetitions.iter().map(Vec::len).max().unwrap_or(0);
+        for index in 0..width {
+            let runs: Vec<report::ScenarioResult> =
+                repetitions.iter().filter_map(|results| results.get(index).cloned()).collect();
+            results.extend(report::median(runs));
         }
         report::apply_ceilings(&mut results, &ceilings);
         if let Some(path) = &args.json {

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::broker::TableSizes;
+
 /// Latency percentiles, enqueue to handler start.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct Latency {
@@ -24,12 +26,16 @@ pub struct ScenarioResult {
     pub broker_cpu_seconds: Option<f64>,
     pub broker_rss_mib: Option<f64>,
     pub broker_peak_rss_mib: Option<f64>,
-    pub hot_table_bytes: i64,
-    pub finished_table_bytes: i64,
+    /// Job tables at the end of the run.
+    pub sizes: TableSizes,
+    /// (seconds into the run, sizes), where the scenario samples them.
+    pub size_samples: Vec<(f64, TableSizes)>,
     /// Name of the raw SQL ceiling this compares with.
     pub ceiling: Option<&'static str>,
     /// jobs_per_second / ceiling, when the ceiling was measured.
     pub ratio: Option<f64>,
+    /// Every repetition, when the figures above are their median.
+    pub runs: Vec<ScenarioResult>,
     pub notes: Vec<String>,
 }
 
@@ -44,12 +50,48 @@ pub fn failed(name: &str, error: &anyhow::Error) -> ScenarioResult {
         broker_cpu_seconds: None,
         broker_rss_mib: None,
         broker_peak_rss_mib: None,
-        hot_table_bytes: 0,
-        finished_table_bytes: 0,
+        sizes: TableSizes::default(),
+        size_samples: Vec::new(),
         ceiling: None,
         ratio: None,
+        runs: Vec::new(),
         notes: vec![format!("{error:#}")],
     }
+}
+
+/// The median of repeated runs of one scenario: the run with the median
+/// rate (for latency runs, the median of each percentile), carrying every
+/// run in `runs`.
+pub fn median(mut runs: Vec<ScenarioResult>) -> Option<ScenarioResult> {
+    runs.sort_by(|a, b| a.jobs_per_second.total_cmp(&b.jobs_per_second));
+    let mut median = runs.get(runs.len() / 2)?.clone();
+    if runs.len() == 1 {
+        return Some(median);
+    }
+    let middle = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    if let Some(latency) = &mut median.latency {
+        let all: Vec<&Latency> = runs.iter().filter_map(|run| run.latency.as_ref()).collect();
+        latency.p50_ms = middle(all.iter().map(|latency| latency.p50_ms).collect());
+        latency.p90_ms = middle(all.iter().map(|latency| latency.p90_ms).collect());
+        latency.p99_ms = middle(all.iter().map(|latency| latency.p99_ms).collect());
+        latency.max_ms = middle(all.iter().map(|latency| latency.max_ms).collect());
+    }
+    median.notes.push(format!(
+        "median of {} runs: {}",
+        runs.len(),
+        runs.iter()
+            .map(|run| match &run.latency {
+                Some(latency) => format!("p50 {:.2} / p99 {:.2} ms", latency.p50_ms, latency.p99_ms),
+                None => format!("{:.0}/s", run.jobs_per_second),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    median.runs = runs;
+    Some(median)
 }
 
 /// Fills in ratios from a ceilings file (`{"name": jobs_per_second, ...}`).

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use hdrhistogram::Histogram;
 use tokio_util::sync::CancellationToken;
 use workbroker_api::v1;
+use workbroker_api::v1::admin_client::AdminClient;
 use workbroker_api::v1::broker_client::BrokerClient;
 use workbroker_worker_sdk::worker::WorkerMetrics;
 use workbroker_worker_sdk::{Client, JobContext, Output, Worker, handler_fn};
@@ -28,10 +29,45 @@ pub struct Sizes {
     pub small_backlog: u64,
     pub keys: u64,
     pub leases_in_flight: u32,
+    /// Jobs drained (and timed) out of each backlog.
+    pub backlog_drain: u64,
+    /// Completed-job retention of the steady scenario's queue.
+    pub steady_retention: Duration,
+    /// How often the steady scenario samples table and index sizes.
+    pub size_sample_interval: Duration,
+    /// Which repetition of the scenario this is (0-based): keeps queue names
+    /// of repeated runs apart.
+    pub run: usize,
     /// Workers of the drain scenarios connect here (comma-separated
     /// endpoints); default: the broker under test.
     pub worker_endpoints: Option<String>,
 }
+
+impl Sizes {
+    /// A queue name of this run.
+    fn queue(&self, base: &str) -> String {
+        format!("{base}-{}", self.run)
+    }
+}
+
+async fn admin(endpoint: &str) -> Result<AdminClient<tonic::transport::Channel>> {
+    let channel = tonic::transport::Channel::from_shared(endpoint.to_owned())?.connect().await?;
+    Ok(AdminClient::new(channel))
+}
+
+async fn set_paused(endpoint: &str, queue: &str, paused: bool) -> Result<()> {
+    let mut admin = admin(endpoint).await?;
+    if paused {
+        admin.pause_queue(v1::PauseQueueRequest { queue: queue.to_owned() }).await?;
+    } else {
+        admin.resume_queue(v1::ResumeQueueRequest { queue: queue.to_owned() }).await?;
+    }
+    Ok(())
+}
+
+/// How long started workers get to open their lease streams before a
+/// drain's clock starts.
+const WORKERS_SETTLE: Duration = Duration::from_millis(500);
 
 async fn producer(endpoint: &str) -> Result<BrokerClient<tonic::transport::Channel>> {
     let channel = tonic::transport::Channel::from_shared(endpoint.to_owned())?.tcp_nodelay(true).connect().await?;
@@ -186,7 +222,7 @@ async fn result(
     ceiling: Option<&'static str>,
 ) -> Result<ScenarioResult> {
     let after = broker.sample();
-    let (jobs_bytes, finished_bytes) = broker.database_bytes().await?;
+    let sizes = broker.table_sizes().await?;
     Ok(ScenarioResult {
         name: name.to_owned(),
         jobs,
@@ -199,10 +235,11 @@ async fn result(
         },
         broker_rss_mib: after.map(|sample| sample.rss_mib),
         broker_peak_rss_mib: after.map(|sample| sample.peak_rss_mib),
-        hot_table_bytes: jobs_bytes,
-        finished_table_bytes: finished_bytes,
+        sizes,
+        size_samples: Vec::new(),
         ceiling,
         ratio: None,
+        runs: Vec::new(),
         notes: Vec::new(),
     })
 }
@@ -210,17 +247,20 @@ async fn result(
 pub async fn enqueue_bulk(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
     let before = broker.sample();
     let started = Instant::now();
-    fill(&broker.endpoint, "bench-bulk", sizes.jobs, 1000, sizes.producers, None).await?;
+    fill(&broker.endpoint, &sizes.queue("bench-bulk"), sizes.jobs, 1000, sizes.producers, None).await?;
     result(broker, "enqueue-bulk", sizes.jobs, started.elapsed(), before, Some("bulk_insert_1000")).await
 }
 
 pub async fn enqueue_single(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
     let before = broker.sample();
     let started = Instant::now();
-    fill(&broker.endpoint, "bench-single", sizes.jobs, 1, 16, None).await?;
+    fill(&broker.endpoint, &sizes.queue("bench-single"), sizes.jobs, 1, 16, None).await?;
     result(broker, "enqueue-single (16 clients)", sizes.jobs, started.elapsed(), before, Some("single_insert_16")).await
 }
 
+/// Fills `queue` while it is paused, starts the workers and lets them open
+/// their streams, then resumes the queue and times the drain: the figure is
+/// the drain alone, not the producers or the workers' start.
 async fn drain_queue(
     broker: &BrokerUnderTest,
     sizes: &Sizes,
@@ -228,40 +268,58 @@ async fn drain_queue(
     name: &str,
     keys: Option<u64>,
 ) -> Result<ScenarioResult> {
+    set_paused(&broker.endpoint, queue, true).await?;
     fill(&broker.endpoint, queue, sizes.jobs, 1000, sizes.producers, keys).await?;
-    let before = broker.sample();
-    let started = Instant::now();
     let worker_endpoints = sizes.worker_endpoints.clone().unwrap_or_else(|| broker.endpoint.clone());
     let (metrics, stop, handles) =
         start_workers(&worker_endpoints, queue, sizes.workers, sizes.concurrency, None, None).await?;
+    tokio::time::sleep(WORKERS_SETTLE).await;
+    let before = broker.sample();
+    let started = Instant::now();
+    set_paused(&broker.endpoint, queue, false).await?;
     let elapsed = wait_finished(broker, &metrics, sizes.jobs, queue, started, Duration::from_secs(600)).await?;
     stop_workers(stop, handles).await;
     result(broker, name, sizes.jobs, elapsed, before, Some("drain_lease100_delete100")).await
 }
 
 pub async fn drain(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
-    drain_queue(broker, sizes, "bench-drain", "drain", None).await
+    drain_queue(broker, sizes, &sizes.queue("bench-drain"), "drain", None).await
 }
 
 pub async fn ordered(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
     let name = format!("ordered ({} keys)", sizes.keys);
-    drain_queue(broker, sizes, "bench-ordered", &name, Some(sizes.keys.max(1))).await
+    drain_queue(broker, sizes, &sizes.queue("bench-ordered"), &name, Some(sizes.keys.max(1))).await
 }
 
+/// Producers (100 jobs per call) and workers at once for `sizes.seconds`:
+/// completed jobs per second, and the job tables' sizes sampled every
+/// `sizes.size_sample_interval` (the queue keeps completed jobs for
+/// `sizes.steady_retention`, so a long run reaches the size retention
+/// implies; growth beyond it is bloat).
 pub async fn steady(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
-    let queue = "bench-steady";
+    let queue = sizes.queue("bench-steady");
+    admin(&broker.endpoint)
+        .await?
+        .configure_queue(v1::ConfigureQueueRequest {
+            queue: queue.clone(),
+            completed_retention: Some(workbroker_api::time::duration_to_proto(sizes.steady_retention)),
+            ..Default::default()
+        })
+        .await?;
     let (metrics, stop, handles) =
-        start_workers(&broker.endpoint, queue, sizes.workers, sizes.concurrency, None, None).await?;
-    let (hot_before, finished_before) = broker.database_bytes().await?;
+        start_workers(&broker.endpoint, &queue, sizes.workers, sizes.concurrency, None, None).await?;
+    tokio::time::sleep(WORKERS_SETTLE).await;
+    let sizes_before = broker.table_sizes().await?;
     let before = broker.sample();
     let deadline = Instant::now() + Duration::from_secs(sizes.seconds);
     let mut producers = Vec::new();
     for _ in 0..sizes.producers.max(1) {
         let mut client = producer(&broker.endpoint).await?;
+        let queue = queue.clone();
         producers.push(tokio::spawn(async move {
             let mut sent = 0_u64;
             while Instant::now() < deadline {
-                let jobs = (0..100).map(|_| job(queue, None, Vec::new())).collect();
+                let jobs = (0..100).map(|_| job(&queue, None, Vec::new())).collect();
                 client.enqueue(v1::EnqueueRequest { jobs }).await?;
                 sent += 100;
             }
@@ -270,6 +328,15 @@ pub async fn steady(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioR
     }
     let acked_at_start = acked(&metrics);
     let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut next_sample = started + sizes.size_sample_interval;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200).min(deadline.saturating_duration_since(Instant::now()))).await;
+        if Instant::now() >= next_sample {
+            samples.push((started.elapsed().as_secs_f64(), broker.table_sizes().await?));
+            next_sample += sizes.size_sample_interval;
+        }
+    }
     let mut enqueued = 0;
     for producer in producers {
         enqueued += producer.await??;
@@ -280,15 +347,17 @@ pub async fn steady(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioR
     let mut outcome =
         result(broker, "steady (enqueue+lease+ack)", completed, elapsed, before, Some("lifecycle_100")).await?;
     outcome.notes.push(format!("enqueued {enqueued}, completed {completed} in the window"));
-    outcome.notes.push(format!(
-        "hot table {hot_before} -> {} bytes, finished table {finished_before} -> {} bytes",
-        outcome.hot_table_bytes, outcome.finished_table_bytes
-    ));
+    outcome.notes.push(format!("sizes at start: {}", sizes_before.describe()));
+    for (seconds, sample) in &samples {
+        outcome.notes.push(format!("sizes at {seconds:.0} s: {}", sample.describe()));
+    }
+    outcome.notes.push(format!("sizes at end: {}", outcome.sizes.describe()));
+    outcome.size_samples = std::iter::once((0.0, sizes_before)).chain(samples).collect();
     Ok(outcome)
 }
 
 pub async fn latency(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
-    let queue = format!("bench-latency-{}", sizes.rate);
+    let queue = sizes.queue(&format!("bench-latency-{}", sizes.rate));
     let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
     let (metrics, stop, handles) =
         start_workers(&broker.endpoint, &queue, 1, sizes.concurrency, None, Some(histogram.clone())).await?;
@@ -342,38 +411,79 @@ pub async fn latency(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Scenario
     Ok(outcome)
 }
 
-/// Drain rate of `sizes.jobs` jobs out of a queue holding `backlog` jobs.
-async fn drain_from_backlog(broker: &BrokerUnderTest, sizes: &Sizes, backlog: u64) -> Result<ScenarioResult> {
-    let queue = format!("bench-backlog-{backlog}");
-    fill(&broker.endpoint, &queue, backlog, 1000, sizes.producers, None).await?;
-    let before = broker.sample();
-    let (metrics, stop, handles) =
-        start_workers(&broker.endpoint, &queue, sizes.workers, sizes.concurrency, None, None).await?;
-    let started = Instant::now();
-    let target = sizes.jobs.min(backlog);
-    while acked(&metrics) < target {
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "backlog drain too slow");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let elapsed = started.elapsed();
-    stop_workers(stop, handles).await;
-    result(broker, &format!("backlog drain ({backlog} queued)"), target, elapsed, before, None).await
+/// Fills `queue` (paused) to `backlog` jobs and connects the workers.
+async fn prepare_backlog(
+    broker: &BrokerUnderTest,
+    sizes: &Sizes,
+    queue: &str,
+    backlog: u64,
+) -> Result<(Vec<WorkerMetrics>, CancellationToken, Vec<tokio::task::JoinHandle<()>>)> {
+    set_paused(&broker.endpoint, queue, true).await?;
+    fill(&broker.endpoint, queue, backlog, 1000, sizes.producers, None).await?;
+    let workers = start_workers(&broker.endpoint, queue, sizes.workers, sizes.concurrency, None, None).await?;
+    tokio::time::sleep(WORKERS_SETTLE).await;
+    Ok(workers)
 }
 
+/// Resumes `queue` and times how long its waiting workers take to ack
+/// `count` more jobs; pauses it again.
+async fn timed_drain(
+    broker: &BrokerUnderTest,
+    queue: &str,
+    metrics: &[WorkerMetrics],
+    count: u64,
+    name: &str,
+) -> Result<ScenarioResult> {
+    let target = acked(metrics) + count;
+    let before = broker.sample();
+    let started = Instant::now();
+    set_paused(&broker.endpoint, queue, false).await?;
+    while acked(metrics) < target {
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "backlog drain too slow");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed();
+    set_paused(&broker.endpoint, queue, true).await?;
+    result(broker, name, count, elapsed, before, None).await
+}
+
+/// Drain rate out of a small and out of a large backlog: `backlog_drain`
+/// jobs timed from each, with the workers already connected (the small
+/// queue holds exactly `small_backlog`; the large one about `backlog`).
+/// Then the broker's memory with `leases_in_flight` leases held while the
+/// large backlog is queued.
 pub async fn backlog(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Vec<ScenarioResult>> {
-    let small = drain_from_backlog(broker, sizes, sizes.small_backlog).await?;
-    let mut large = drain_from_backlog(broker, sizes, sizes.backlog).await?;
+    let small_queue = sizes.queue("bench-backlog-small");
+    let (small_metrics, stop, handles) = prepare_backlog(broker, sizes, &small_queue, sizes.small_backlog).await?;
+    let count = sizes.backlog_drain.min(sizes.small_backlog);
+    let small = timed_drain(
+        broker,
+        &small_queue,
+        &small_metrics,
+        count,
+        &format!("backlog drain ({} queued)", sizes.small_backlog),
+    )
+    .await?;
+    stop_workers(stop, handles).await;
+
+    let large_queue = sizes.queue("bench-backlog-large");
+    let (large_metrics, stop, handles) = prepare_backlog(broker, sizes, &large_queue, sizes.backlog).await?;
+    let mut large =
+        timed_drain(broker, &large_queue, &large_metrics, count, &format!("backlog drain ({} queued)", sizes.backlog))
+            .await?;
+    stop_workers(stop, handles).await;
     large.notes.push(format!(
-        "rate with {} queued is {:.1} % of the rate with {} queued",
+        "{count} jobs drained from each; rate with {} queued is {:.1} % of the rate with {} queued",
         sizes.backlog,
         100.0 * large.jobs_per_second / small.jobs_per_second.max(1e-9),
         sizes.small_backlog
     ));
+
     // Memory with many leases in flight while the large backlog is queued.
-    let queue = format!("bench-backlog-{}", sizes.backlog);
     let (metrics, stop, handles) =
-        start_workers(&broker.endpoint, &queue, 1, sizes.leases_in_flight, Some(Duration::from_secs(3600)), None)
+        start_workers(&broker.endpoint, &large_queue, 1, sizes.leases_in_flight, Some(Duration::from_secs(3600)), None)
             .await?;
+    set_paused(&broker.endpoint, &large_queue, false).await?;
     let started = Instant::now();
     while metrics.iter().map(|metrics| metrics.snapshot().leased).sum::<u64>() < u64::from(sizes.leases_in_flight) {
         anyhow::ensure!(started.elapsed() < Duration::from_secs(120), "could not reach the leases in flight");
@@ -381,13 +491,18 @@ pub async fn backlog(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Vec<Scen
     }
     let sample = broker.sample().context("RSS needs a local broker process")?;
     large.notes.push(format!(
-        "broker RSS {:.1} MiB with {} leases in flight and about {} jobs queued",
-        sample.rss_mib, sizes.leases_in_flight, sizes.backlog
+        "broker RSS {:.1} MiB (peak {:.1} MiB) with {} leases in flight and about {} jobs queued",
+        sample.rss_mib, sample.peak_rss_mib, sizes.leases_in_flight, sizes.backlog
     ));
     large.broker_rss_mib = Some(sample.rss_mib);
+    large.broker_peak_rss_mib = Some(sample.peak_rss_mib);
     stop.cancel();
     for handle in handles {
         handle.abort();
     }
+    // The held leases are released when the streams end; drop the queue's
+    // jobs so a repeated run starts from the same size.
+    broker.delete_queue_jobs(&large_queue).await?;
+    broker.delete_queue_jobs(&small_queue).await?;
     Ok(vec![small, large])
 }

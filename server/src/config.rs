@@ -11,6 +11,7 @@ use crate::server::ServerConfig;
 use crate::service::BatcherSettings;
 use crate::service::validate::Limits;
 use crate::store::StoreConfig;
+use crate::vacuum::VacuumConfig;
 
 /// How to reach PostgreSQL.
 #[derive(clap::Args, Clone, Debug)]
@@ -75,6 +76,11 @@ pub struct ServeArgs {
     /// Milliseconds between two reaper passes.
     #[arg(long, env = "WORKBROKER_REAPER_INTERVAL_MS", default_value_t = 1000)]
     pub reaper_interval_ms: u64,
+
+    /// Seconds between two checks of the job tables' dead rows, which the
+    /// leader vacuums when they pile up (0: leave it to autovacuum).
+    #[arg(long, env = "WORKBROKER_VACUUM_INTERVAL_SECONDS", default_value_t = 5)]
+    pub vacuum_interval_seconds: u64,
 
     /// Enqueue statements this replica runs at once; waiting requests are
     /// grouped into the next one.
@@ -168,6 +174,10 @@ impl ServeArgs {
             reaper: ReaperConfig {
                 interval: Duration::from_millis(self.reaper_interval_ms.clamp(10, 60_000)),
                 ..ReaperConfig::default()
+            },
+            vacuum: VacuumConfig {
+                interval: Duration::from_secs(self.vacuum_interval_seconds.min(3600)),
+                ..VacuumConfig::default()
             },
             member_id,
             advertise_address: self.advertise_address.clone(),

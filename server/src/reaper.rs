@@ -20,6 +20,10 @@ use crate::telemetry::{self, JobRef, JobStep};
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(1);
 /// Default rows per statement.
 pub const DEFAULT_BATCH_SIZE: u32 = 1_000;
+/// Most statements of each kind one tick runs: a huge backlog of work (say,
+/// after retention was shortened) is spread over ticks, so shutdown and
+/// losing the lead are never held up for long.
+const MAX_BATCHES_PER_TICK: u32 = 100;
 
 /// Settings of the reaper.
 #[derive(Clone, Copy, Debug)]
@@ -96,11 +100,12 @@ impl Reaper {
         }
     }
 
-    /// One pass: every expired lease and every prunable job, a batch at a time.
+    /// One pass: every expired lease and every prunable job, a batch at a
+    /// time (at most [`MAX_BATCHES_PER_TICK`] batches of each).
     #[tracing::instrument(name = "reaper.tick", skip_all)]
     pub async fn run_once(&self) -> store::Result<ReaperCounts> {
         let mut counts = ReaperCounts::default();
-        loop {
+        for _ in 0..MAX_BATCHES_PER_TICK {
             let returned = self.store.jobs_expire_leases(self.config.batch_size).await?;
             let dead = returned.iter().filter(|job| job.dead).count() as u64;
             counts.requeued += returned.len() as u64 - dead;
@@ -122,7 +127,7 @@ impl Reaper {
                 break;
             }
         }
-        loop {
+        for _ in 0..MAX_BATCHES_PER_TICK {
             let pruned = self.store.jobs_prune_finished(self.config.batch_size).await?;
             counts.pruned += pruned;
             if pruned < u64::from(self.config.batch_size) {

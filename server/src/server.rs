@@ -29,6 +29,7 @@ use crate::reaper::ReaperConfig;
 use crate::service::validate::Limits;
 use crate::service::{AdminService, BatcherSettings, Batchers, BrokerService, Shared};
 use crate::store::{self, Store, StoreConfig};
+use crate::vacuum::VacuumConfig;
 
 /// Everything a broker needs to run.
 #[derive(Clone, Debug)]
@@ -42,6 +43,7 @@ pub struct ServerConfig {
     /// How long shutdown waits for in-flight jobs.
     pub shutdown_grace: Duration,
     pub reaper: ReaperConfig,
+    pub vacuum: VacuumConfig,
     pub member_id: String,
     pub advertise_address: Option<String>,
     pub batchers: BatcherSettings,
@@ -175,6 +177,7 @@ pub async fn run_with_admin_listener(
             background.spawn(
                 LeaderChores::new(view.clone(), store.clone(), config.reaper, None)
                     .with_metrics(metrics.clone())
+                    .with_vacuum(config.vacuum)
                     .run(background_stop.clone()),
             );
             view
@@ -186,6 +189,7 @@ pub async fn run_with_admin_listener(
                 view: view.clone(),
                 store: store.clone(),
                 reaper: config.reaper,
+                vacuum: config.vacuum,
                 freeze: config.keep_alive_freeze.clone(),
                 metrics: metrics.clone(),
             };

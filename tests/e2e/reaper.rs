@@ -195,3 +195,42 @@ async fn finished_jobs_past_their_retention_are_pruned_but_dead_jobs_stay() -> R
     assert_eq!(stats.completed_watermark, 3, "pruning does not move the watermark back");
     broker.finish().await
 }
+
+/// With autovacuum off (as on the CI database) or behind, the leader's
+/// vacuumer vacuums a job table once its dead rows pass the threshold.
+#[tokio::test]
+async fn the_vacuumer_vacuums_a_job_table_full_of_dead_rows() -> Result<()> {
+    use workbroker_server::store::maintenance::JobTable;
+    use workbroker_server::vacuum::{VacuumConfig, Vacuumer};
+
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let pool = broker.database.pool().await?;
+    let config = VacuumConfig { interval: std::time::Duration::from_secs(1), min_dead_rows: 50, dead_fraction: 0.0 };
+    let vacuumer = Vacuumer::new(Store::from_pool(pool.clone()), config);
+    assert!(vacuumer.run_once().await?.is_empty(), "nothing to vacuum in an empty database");
+
+    // Every leased and acked job leaves dead rows behind in the hot table.
+    enqueue(&mut client, (0..120).map(|_| new_job("vacuum", "k")).collect()).await?;
+    let mut worker = Worker::on(&mut client, &["vacuum"], 120).await?;
+    let leased = worker.take_jobs(120, std::time::Duration::from_secs(10)).await?;
+    ack_all(&mut client, leased.iter().map(ack_of).collect()).await?;
+    let dead_rows = || async {
+        let dead: i64 =
+            sqlx::query_scalar("SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'workbroker.jobs'::regclass")
+                .fetch_one(&pool)
+                .await?;
+        Ok::<_, anyhow::Error>(dead)
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while dead_rows().await? <= 50 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the statistics never showed the dead rows");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    let vacuumed = vacuumer.run_once().await?;
+    assert!(vacuumed.contains(&JobTable::Jobs), "vacuumed {vacuumed:?}");
+    assert!(dead_rows().await? < 50, "the vacuum reclaimed the dead rows");
+    pool.close().await;
+    broker.finish().await
+}

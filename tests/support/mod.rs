@@ -26,6 +26,7 @@ use workbroker_server::server::ServerConfig;
 use workbroker_server::service::BatcherSettings;
 use workbroker_server::service::validate::Limits;
 use workbroker_server::store::StoreConfig;
+use workbroker_server::vacuum::VacuumConfig;
 
 /// The server URL from the environment, or the local default.
 pub fn server_url() -> String {
@@ -92,6 +93,7 @@ pub fn test_config(database_url: &str) -> ServerConfig {
         max_message_bytes: 16 * 1024 * 1024,
         shutdown_grace: Duration::from_secs(2),
         reaper: ReaperConfig { interval: Duration::from_millis(100), batch_size: 1000 },
+        vacuum: VacuumConfig::default(),
         member_id: format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
         advertise_address: None,
         batchers: BatcherSettings::default(),

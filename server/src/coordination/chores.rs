@@ -1,4 +1,4 @@
-//! Starts the leader-only chores (reaper, rebalancer) when this replica
+//! Starts the leader-only chores (reaper, vacuumer, rebalancer) when this replica
 //! becomes a trusted leader and stops them the moment it is not.
 
 use std::sync::Arc;
@@ -13,6 +13,7 @@ use super::{ClusterView, Leadership};
 use crate::admin::metrics::Metrics;
 use crate::reaper::{Reaper, ReaperConfig};
 use crate::store::Store;
+use crate::vacuum::{VacuumConfig, Vacuumer};
 
 pub struct LeaderChores {
     view: Arc<ClusterView>,
@@ -22,11 +23,18 @@ pub struct LeaderChores {
     etcd: Option<(Client, EtcdConfig)>,
     /// Where the reaper counts expiries.
     metrics: Option<Arc<Metrics>>,
+    vacuum: VacuumConfig,
 }
 
 impl LeaderChores {
     pub fn new(view: Arc<ClusterView>, store: Store, reaper: ReaperConfig, etcd: Option<(Client, EtcdConfig)>) -> Self {
-        Self { view, store, reaper, etcd, metrics: None }
+        Self { view, store, reaper, etcd, metrics: None, vacuum: VacuumConfig::default() }
+    }
+
+    /// Vacuums the job tables as `config` says.
+    pub fn with_vacuum(mut self, config: VacuumConfig) -> Self {
+        self.vacuum = config;
+        self
     }
 
     /// Lets the reaper count expiries into `metrics`.
@@ -47,6 +55,9 @@ impl LeaderChores {
                         .with_leader_term(term.clone())
                         .with_metrics(self.metrics.clone())
                         .run(stop.clone()),
+                );
+                tasks.spawn(
+                    Vacuumer::new(self.store.clone(), self.vacuum).with_leader_term(term.clone()).run(stop.clone()),
                 );
                 if let Some((client, config)) = &self.etcd {
                     tasks.spawn(

@@ -237,6 +237,7 @@ pub struct EtcdCoordination {
     pub view: Arc<ClusterView>,
     pub store: crate::store::Store,
     pub reaper: crate::reaper::ReaperConfig,
+    pub vacuum: crate::vacuum::VacuumConfig,
     pub freeze: lease::KeepAliveFreeze,
     /// Where the reaper counts expiries.
     pub metrics: Arc<crate::admin::metrics::Metrics>,
@@ -278,6 +279,7 @@ impl EtcdCoordination {
                 Some((client, self.config.clone())),
             )
             .with_metrics(self.metrics.clone())
+            .with_vacuum(self.vacuum)
             .run(shutdown.clone()),
         );
         tasks.close();

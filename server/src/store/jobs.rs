@@ -599,7 +599,7 @@ impl Store {
         ))
         .bind(i64::from(limit))
         .bind("lease expired")
-        .fetch_all(&self.pool)
+        .fetch_all(&self.planned)
         .await?;
         Ok(rows)
     }
@@ -621,7 +621,7 @@ impl Store {
                   LIMIT $1)",
         )
         .bind(i64::from(limit))
-        .execute(&self.pool)
+        .execute(&self.planned)
         .await?
         .rows_affected();
         Ok(deleted)
@@ -679,7 +679,7 @@ impl Store {
         .bind(params.after_sequence)
         .bind(params.state)
         .bind(i64::from(params.limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.planned)
         .await?;
         Ok(jobs)
     }
@@ -697,7 +697,7 @@ impl Store {
     ) -> Result<Vec<i64>> {
         // New sequences are taken under the queue's enqueue barrier, like
         // any enqueue's (see migration 0004).
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.planned.begin().await?;
         sqlx::query("SELECT workbroker.enqueue_barrier(ARRAY[$1], false)")
             .bind(queue)
             .execute(&mut *transaction)

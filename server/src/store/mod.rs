@@ -14,6 +14,7 @@
 
 mod error;
 mod jobs;
+pub mod maintenance;
 pub mod observe;
 mod queues;
 
@@ -38,7 +39,15 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// Handle to the database: a connection pool plus the statements.
 #[derive(Clone, Debug)]
 pub struct Store {
+    /// The hot path's connections: every statement prepared once, its
+    /// generic plan kept.
     pool: PgPool,
+    /// A few connections planning each statement with its actual
+    /// parameters, for statements off the hot path whose best plan depends
+    /// on a LIMIT parameter (the reaper's, listings): under a generic plan
+    /// PostgreSQL guesses a LIMIT at a tenth of the table and hash-joins
+    /// the whole finished table for a thousand-row prune.
+    planned: PgPool,
     /// `@` and an id unique to this store (so to this broker process),
     /// appended to the `workbroker_jobs` notifications of its enqueues: the
     /// broker wakes its own streams right after the commit and its listener
@@ -65,22 +74,25 @@ impl Store {
         // JIT compilation pays off for long analytical queries only: on the
         // hot path's short statements it cost more than the statement (10 ms
         // on a 1,000-job insert whose estimates crossed `jit_above_cost`).
-        // Generic plans: every statement is prepared once and its plan kept.
-        // With custom plans PostgreSQL planned the hot statements again at
-        // every execution (their LIMIT and array sizes make a custom plan
-        // look cheaper), and planning took twice as long as running them.
-        let options =
-            options.application_name("workbroker").options([("jit", "off"), ("plan_cache_mode", "force_generic_plan")]);
+        let options = options.application_name("workbroker").options([("jit", "off")]);
+        // Generic plans on the hot path: with custom plans PostgreSQL planned
+        // the hot statements again at every execution (their LIMIT and array
+        // sizes make a custom plan look cheaper), and planning took twice as
+        // long as running them.
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.acquire_timeout)
+            .connect_lazy_with(options.clone().options([("plan_cache_mode", "force_generic_plan")]));
+        let planned = PgPoolOptions::new()
+            .max_connections(PLANNED_CONNECTIONS)
+            .acquire_timeout(config.acquire_timeout)
             .connect_lazy_with(options);
-        Ok(Self::from_pool(pool))
+        Ok(Self { pool, planned, notify_suffix: new_notify_suffix() })
     }
 
-    /// Wraps an existing pool (tests).
+    /// Wraps an existing pool (tests): all statements use it.
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool, notify_suffix: Arc::from(format!("@{}", Uuid::new_v4().simple())) }
+        Self { planned: pool.clone(), pool, notify_suffix: new_notify_suffix() }
     }
 
     /// What this store appends to the queue name in the notifications of its
@@ -141,6 +153,13 @@ impl Store {
             sqlx::query_scalar("SELECT shard_count FROM workbroker.settings").fetch_one(&self.pool).await?;
         Ok(u32::try_from(count).unwrap_or(1))
     }
+}
+
+/// Connections of the pool for statements planned with their parameters.
+const PLANNED_CONNECTIONS: u32 = 3;
+
+fn new_notify_suffix() -> Arc<str> {
+    Arc::from(format!("@{}", Uuid::new_v4().simple()))
 }
 
 /// When a new job may first run.

@@ -112,7 +112,7 @@ impl Store {
               ORDER BY f.finished_at DESC, f.id DESC LIMIT $1",
         )
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.planned)
         .await?;
         Ok(rows)
     }

@@ -1,0 +1,62 @@
+//! Table maintenance: the job tables' dead-row counters and VACUUM.
+
+use super::{Result, Store};
+
+/// One of the job tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobTable {
+    /// `workbroker.jobs`: unfinished jobs.
+    Jobs,
+    /// `workbroker.finished_jobs`.
+    FinishedJobs,
+}
+
+impl JobTable {
+    /// The qualified table name.
+    pub fn name(self) -> &'static str {
+        match self {
+            JobTable::Jobs => "workbroker.jobs",
+            JobTable::FinishedJobs => "workbroker.finished_jobs",
+        }
+    }
+}
+
+/// Live and dead row counts of a table, as PostgreSQL's statistics have them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableActivity {
+    pub table: JobTable,
+    pub live_rows: i64,
+    pub dead_rows: i64,
+}
+
+impl Store {
+    /// Live and dead rows of both job tables.
+    pub async fn job_tables_activity(&self) -> Result<Vec<TableActivity>> {
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT relname::text, n_live_tup, n_dead_tup FROM pg_stat_user_tables \
+              WHERE schemaname = 'workbroker' AND relname IN ('jobs', 'finished_jobs')",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, live_rows, dead_rows)| TableActivity {
+                table: if name == "jobs" { JobTable::Jobs } else { JobTable::FinishedJobs },
+                live_rows,
+                dead_rows,
+            })
+            .collect())
+    }
+
+    /// `VACUUM (SKIP_LOCKED, ANALYZE)` of one job table: reclaims dead rows
+    /// for reuse and refreshes the planner's statistics; skipped when another
+    /// vacuum holds the table. Needs the table's owner (the migrating role).
+    pub async fn job_table_vacuum(&self, table: JobTable) -> Result<()> {
+        let statement = match table {
+            JobTable::Jobs => "VACUUM (SKIP_LOCKED, ANALYZE) workbroker.jobs",
+            JobTable::FinishedJobs => "VACUUM (SKIP_LOCKED, ANALYZE) workbroker.finished_jobs",
+        };
+        sqlx::raw_sql(statement).execute(&self.pool).await?;
+        Ok(())
+    }
+}
