@@ -31,20 +31,19 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$;
 
 -- Takes the enqueue barrier of these queues: SHARE to take sequences,
--- EXCLUSIVE to read watermarks. Stripes in increasing order, so takers of
--- either mode cannot deadlock one another.
+-- EXCLUSIVE to read watermarks. Stripes in increasing order (the sorted
+-- subquery is evaluated before the locks of the outer projection), so takers
+-- of either mode cannot deadlock one another.
 CREATE FUNCTION workbroker.enqueue_barrier(queues text[], exclusive boolean) RETURNS void
 LANGUAGE plpgsql AS $$
-DECLARE
-    stripe integer;
 BEGIN
-    FOR stripe IN SELECT DISTINCT workbroker.queue_stripe(q) FROM unnest(queues) AS q ORDER BY 1 LOOP
-        IF exclusive THEN
-            PERFORM pg_advisory_xact_lock(1466385154, stripe);
-        ELSE
-            PERFORM pg_advisory_xact_lock_shared(1466385154, stripe);
-        END IF;
-    END LOOP;
+    IF exclusive THEN
+        PERFORM pg_advisory_xact_lock(1466385154, s.stripe)
+           FROM (SELECT DISTINCT workbroker.queue_stripe(q) AS stripe FROM unnest(queues) AS q ORDER BY 1) s;
+    ELSE
+        PERFORM pg_advisory_xact_lock_shared(1466385154, s.stripe)
+           FROM (SELECT DISTINCT workbroker.queue_stripe(q) AS stripe FROM unnest(queues) AS q ORDER BY 1) s;
+    END IF;
 END $$;
 
 -- A new queue gets its sequence in the transaction that creates it (every
@@ -140,14 +139,13 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     names text[] := ARRAY(SELECT DISTINCT q FROM unnest(queues) AS q ORDER BY 1);
-    shards integer;
 BEGIN
     INSERT INTO workbroker.queues (name)
     SELECT n FROM unnest(names) AS n
      WHERE NOT EXISTS (SELECT 1 FROM workbroker.queues q WHERE q.name = n)
     ON CONFLICT (name) DO NOTHING;
-    PERFORM workbroker.enqueue_barrier(names, false);
-    SELECT s.shard_count INTO shards FROM workbroker.settings s;
+    PERFORM pg_advisory_xact_lock_shared(1466385154, s.stripe)
+       FROM (SELECT DISTINCT workbroker.queue_stripe(q) AS stripe FROM unnest(names) AS q ORDER BY 1) s;
     RETURN QUERY
     WITH ready AS (
         SELECT n.id, n.queue, n.kind, CASE WHEN n.lease_token IS NULL THEN 2 ELSE 3 END::smallint AS state,
@@ -155,7 +153,7 @@ BEGIN
                coalesce(timestamptz 'epoch' + n.run_at_us * interval '1 microsecond',
                         now() + coalesce(n.delay_us, 0) * interval '1 microsecond') AS run_at,
                coalesce(n.attempt_limit, n.queue_max_attempts) AS max_attempts,
-               n.ordering_key, n.dedup_key, workbroker.shard_of(n.ordering_key, n.id, shards) AS shard,
+               n.ordering_key, n.dedup_key, workbroker.shard_of(n.ordering_key, n.id, n.shard_count) AS shard,
                n.lease_us * interval '1 microsecond' AS lease_duration,
                coalesce(n.payload, ''::bytea) AS payload, coalesce(n.attributes::jsonb, '{}'::jsonb) AS attributes,
                CASE WHEN n.lease_token IS NULL THEN 0 ELSE 1 END AS attempt, n.lease_token,
@@ -170,14 +168,15 @@ BEGIN
                            AS lease_token,
                        p.*
                   FROM (SELECT u.*, q.sequence AS queue_sequence, q.paused, q.max_attempts AS queue_max_attempts,
-                               q.lease_duration AS queue_lease_duration
+                               q.lease_duration AS queue_lease_duration, s.shard_count
                           FROM unnest(queues, kinds, priorities, run_at_us, delay_us, attempt_limits,
                                       ordering_keys, dedup_keys, lease_us, payloads, attribute_texts,
                                       handoff_workers, handoff_lease_us)
                                WITH ORDINALITY AS u(queue, kind, priority, run_at_us, delay_us, attempt_limit,
                                                     ordering_key, dedup_key, lease_us, payload, attributes,
                                                     handoff_worker, handoff_lease_us, place)
-                          JOIN workbroker.queues q ON q.name = u.queue
+                          JOIN (SELECT * FROM workbroker.queues WHERE name = ANY(names)) q ON q.name = u.queue
+                          CROSS JOIN workbroker.settings s
                          ORDER BY u.place) p) n),
     plain AS (
         INSERT INTO workbroker.jobs (id, queue, kind, state, priority, sequence, run_at, max_attempts, ordering_key,
@@ -194,11 +193,13 @@ BEGIN
                lease_duration, payload, attributes, attempt, lease_token, lease_expires_at, leased_by, leased_at
           FROM ready WHERE dedup_key IS NOT NULL
         ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING
-        RETURNING j.id)
+        RETURNING j.id),
+    notified AS (SELECT pg_notify('workbroker_jobs', n || notify_suffix) FROM unnest(names) AS n)
     SELECT r.id, r.sequence, r.dedup_key IS NULL OR k.id IS NOT NULL, r.place, r.lease_token, r.lease_expires_at,
            CASE WHEN r.lease_token IS NOT NULL THEN r.max_attempts END, r.leased_at
-      FROM ready r LEFT JOIN keyed k ON k.id = r.id;
-    PERFORM pg_notify('workbroker_jobs', n || notify_suffix) FROM unnest(names) AS n;
+      FROM ready r LEFT JOIN keyed k ON k.id = r.id
+     -- Forces `notified`, which nothing else reads (PostgreSQL skips such a CTE).
+     WHERE (SELECT count(*) FROM notified) >= 0;
 END $$;
 
 REVOKE ALL ON FUNCTION workbroker.enqueue_jobs(text[], text[], integer[], bigint[], bigint[], integer[], text[],
