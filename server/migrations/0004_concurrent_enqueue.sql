@@ -16,6 +16,11 @@
 --    is either committed or abandoned (a harmless gap). Many enqueues share
 --    the lock at once; only watermark reads wait for them, and new enqueues
 --    wait for such a read. See ARCHITECTURE.md, "the watermark".
+-- 3. Jobs with an ordering key still become visible in sequence order, as
+--    before: whatever takes sequences for such a job takes the barrier
+--    EXCLUSIVE. The lease statement's rule (a keyed job is leasable when no
+--    unfinished job of its key has a smaller sequence) is only safe if a
+--    job never becomes visible after a later job of its key.
 --
 -- Stripe locks are two-key advisory locks (class 1466385154, "WBRK" read as
 -- int4; stripe 0..15 from a hash of the queue name), so they never collide
@@ -100,7 +105,8 @@ BEGIN
         RETURN NULL;
     END IF;
     PERFORM workbroker.enqueue_barrier(
-        ARRAY(SELECT DISTINCT j.queue FROM workbroker.jobs j WHERE j.sequence IS NULL), false);
+        ARRAY(SELECT DISTINCT j.queue FROM workbroker.jobs j WHERE j.sequence IS NULL),
+        EXISTS (SELECT 1 FROM workbroker.jobs j WHERE j.sequence IS NULL AND j.ordering_key IS NOT NULL));
     UPDATE workbroker.jobs j
        SET sequence = numbered.sequence
       FROM (SELECT p.id, nextval(p.queue_sequence) AS sequence
@@ -120,8 +126,9 @@ REVOKE ALL ON FUNCTION workbroker.queue_last_sequence(regclass) FROM PUBLIC;
 -- The broker's enqueue: inserts one batch (one array element per job; an
 -- array whose every element is the default may be NULL, since unnest pads
 -- it), all in the caller's transaction:
--- - creates unknown queues, then takes their barrier (SHARE) before any
---   sequence, and numbers the jobs in input order (ids and sequences);
+-- - creates unknown queues, then takes their barrier before any sequence
+--   (SHARE; EXCLUSIVE when a job has an ordering key), and numbers the jobs
+--   in input order (ids and sequences);
 -- - inserts a job with a hand-off worker as already LEASED to it, with a
 --   fresh token, unless its queue is paused;
 -- - skips a job whose dedup key an unfinished job of its queue holds
@@ -144,8 +151,7 @@ BEGIN
     SELECT n FROM unnest(names) AS n
      WHERE NOT EXISTS (SELECT 1 FROM workbroker.queues q WHERE q.name = n)
     ON CONFLICT (name) DO NOTHING;
-    PERFORM pg_advisory_xact_lock_shared(1466385154, s.stripe)
-       FROM (SELECT DISTINCT workbroker.queue_stripe(q) AS stripe FROM unnest(names) AS q ORDER BY 1) s;
+    PERFORM workbroker.enqueue_barrier(names, EXISTS (SELECT 1 FROM unnest(ordering_keys) AS k WHERE k IS NOT NULL));
     RETURN QUERY
     WITH ready AS (
         SELECT n.id, n.queue, n.kind, CASE WHEN n.lease_token IS NULL THEN 2 ELSE 3 END::smallint AS state,

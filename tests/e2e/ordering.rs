@@ -1,21 +1,10 @@
 //! Ordering keys: one job per key at a time, in enqueue order; a job in
-//! backoff holds its key, a terminal one releases it.
+//! backoff holds its key, a terminal one releases it; and jobs of a key
+//! become visible in sequence order even when enqueued concurrently.
 //!
 //! Upper bounds here are 3 s: the dispatcher re-checks idle streams every
 //! 5 s on its own, so a successor arriving within 3 s shows it was pushed
 //! because its predecessor finished, not found by the periodic re-check.
-//!
-//! Known broker bug (the ignored tests): when the head of a key reaches a
-//! terminal state (ack, dead nack, cancel), nothing tells the dispatchers
-//! that its successor became available — `jobs_ack_many`, the dead branch of
-//! `jobs_nack_many` and `job_cancel` in `server/src/store/jobs.rs` send no
-//! `pg_notify('workbroker_jobs', queue)`, and a stream that came back short
-//! from its last lease ("dry") only looks again on a notification, a due
-//! time or the 5 s idle re-check. So the successor waits up to 5 s (longer
-//! when a scheduled job of the queue is due later: the idle re-check is then
-//! replaced by the due time in `Dispatcher::lease_loop`). The first test
-//! checks the ordering rules themselves with a fresh stream per step, which
-//! leases at once and so does not depend on the push.
 
 use std::time::Duration;
 
@@ -263,5 +252,45 @@ async fn a_waiting_stream_gets_the_successor_pushed_when_the_head_is_cancelled()
 
     cancel(&mut client, &ids[2]).await?;
     expect_next(&mut worker, &ids[3]).await?;
+    broker.finish().await
+}
+
+/// Enqueues of keyed jobs take the enqueue barrier exclusive: while one is in
+/// flight (its sequence taken, not committed), another keyed enqueue into the
+/// queue waits, so the later job can never be visible, and leased, first.
+#[tokio::test]
+async fn a_keyed_enqueue_waits_for_a_keyed_enqueue_in_flight() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    broker
+        .admin()
+        .await
+        .configure_queue(v1::ConfigureQueueRequest { queue: "keys-race".into(), ..Default::default() })
+        .await?;
+    let pool = broker.database.pool().await?;
+    let mut in_flight = pool.begin().await?;
+    let (first_id, first_sequence): (i64, i64) = sqlx::query_as(
+        "SELECT id, sequence FROM workbroker.enqueue_jobs(ARRAY['keys-race'], ARRAY['k'], NULL, NULL, NULL, NULL, \
+                ARRAY['crate-a'], NULL, NULL, NULL, NULL, NULL, NULL, '')",
+    )
+    .fetch_one(&mut *in_flight)
+    .await?;
+    assert_eq!(first_sequence, 1);
+
+    let mut second_client = client.clone();
+    let second =
+        tokio::spawn(async move { enqueue(&mut second_client, vec![keyed_job("keys-race", "k", "crate-a")]).await });
+    tokio::time::sleep(QUIET).await;
+    assert!(!second.is_finished(), "a keyed enqueue must wait for the keyed enqueue in flight");
+
+    in_flight.commit().await?;
+    let second = second.await??;
+    assert_eq!(get_job(&mut client, &second[0]).await?.sequence, 2);
+    let mut worker = Worker::on(&mut client, &["keys-race"], 5).await?;
+    let head = expect_next(&mut worker, &first_id.to_string()).await?;
+    worker.expect_quiet(QUIET).await?;
+    ack_all(&mut client, vec![ack_of(&head)]).await?;
+    expect_next(&mut worker, &second[0]).await?;
+    pool.close().await;
     broker.finish().await
 }

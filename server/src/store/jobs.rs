@@ -696,9 +696,10 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<i64>> {
         // New sequences are taken under the queue's enqueue barrier, like
-        // any enqueue's (see migration 0004).
+        // any enqueue's (see migration 0004); exclusive, as a revived job may
+        // have an ordering key.
         let mut transaction = self.planned.begin().await?;
-        sqlx::query("SELECT workbroker.enqueue_barrier(ARRAY[$1], false)")
+        sqlx::query("SELECT workbroker.enqueue_barrier(ARRAY[$1], true)")
             .bind(queue)
             .execute(&mut *transaction)
             .await?;
