@@ -4,7 +4,8 @@
 # fresh database of the same server, in the same run. Installs and starts
 # PostgreSQL when DATABASE_URL is not set.
 #
-# Usage: scripts/bench.sh [workbroker-bench arguments...]   (default: all)
+# Usage: scripts/bench.sh [workbroker-bench arguments...]   (default: all; each
+# scenario 3 times, the median shown: --repeat N changes it)
 # Results: bench/results/latest.json and the table on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ mkdir -p bench/results
 log "building release binaries"
 cargo build --release --locked -p workbroker-server -p workbroker-bench
 log "raw SQL ceilings (pgbench)"
-scripts/bench-sql-ceiling.sh bench/results/ceilings.json "${WORKBROKER_CEILING_SECONDS:-10}"
+scripts/bench-sql-ceiling.sh bench/results/ceilings.json "${WORKBROKER_CEILING_SECONDS:-10}" "${WORKBROKER_CEILING_RUNS:-3}"
 log "scenarios"
 if [ "$#" -eq 0 ]; then set -- all; fi
 target/release/workbroker-bench --start --ceilings bench/results/ceilings.json \

@@ -171,12 +171,12 @@ impl BrokerUnderTest {
         .await?)
     }
 
-    /// Deletes a queue's jobs (the harness's own queues, after a run that
-    /// filled them), then vacuums, so later runs start from the same sizes.
-    pub async fn delete_queue_jobs(&self, queue: &str) -> Result<()> {
-        sqlx::query("DELETE FROM workbroker.jobs WHERE queue = $1").bind(queue).execute(&self.pool).await?;
-        sqlx::query("DELETE FROM workbroker.finished_jobs WHERE queue = $1").bind(queue).execute(&self.pool).await?;
-        sqlx::query("VACUUM workbroker.jobs, workbroker.finished_jobs").execute(&self.pool).await?;
+    /// Deletes the jobs of the harness's own queues (`bench-*`) and vacuums,
+    /// so that every scenario run starts from the same, empty tables.
+    pub async fn clean_up(&self) -> Result<()> {
+        sqlx::query("DELETE FROM workbroker.jobs WHERE queue LIKE 'bench-%'").execute(&self.pool).await?;
+        sqlx::query("DELETE FROM workbroker.finished_jobs WHERE queue LIKE 'bench-%'").execute(&self.pool).await?;
+        sqlx::raw_sql("VACUUM workbroker.jobs, workbroker.finished_jobs").execute(&self.pool).await?;
         Ok(())
     }
 

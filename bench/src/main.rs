@@ -200,6 +200,9 @@ async fn main() -> Result<()> {
                 worker_endpoints: args.worker_endpoints.clone(),
             };
             repetitions.push(run_scenario(scenario, &broker, &sizes, &args.rates).await);
+            // Every run starts from empty tables: leftovers of one (a filled
+            // queue nobody drains, a million-job backlog) would weigh on the next.
+            broker.clean_up().await?;
         }
         // The i-th result of every repetition is the same measurement.
         let width = repetitions.iter().map(Vec::len).max().unwrap_or(0);

@@ -34,6 +34,8 @@ use crate::store::{QueueStatsRecord, Store};
 
 /// Default time between two database gauge refreshes.
 pub const DEFAULT_REFRESH_INTERVAL: Duration = Duration::from_secs(5);
+/// Largest share of time the refreshes may spend refreshing.
+const MAX_REFRESH_SHARE: f64 = 0.02;
 
 /// Upper bounds (seconds) of the enqueue-to-lease latency buckets.
 const LATENCY_BUCKETS: [f64; 17] =
@@ -240,17 +242,23 @@ impl MetricsRefresher {
         Self { store, metrics, interval: DEFAULT_REFRESH_INTERVAL }
     }
 
-    /// Refreshes until `shutdown`; the first refresh runs at once.
+    /// Refreshes until `shutdown`; the first refresh runs at once. A
+    /// refresh counts the unfinished jobs, so its cost grows with the
+    /// backlog: the next one waits at least [`MAX_REFRESH_SHARE`]⁻¹ times as
+    /// long as the last took, keeping the database's share of work for it
+    /// small however deep the queues get.
     pub async fn run(self, shutdown: CancellationToken) {
-        let mut ticker = tokio::time::interval(self.interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
+        let mut wait = Duration::ZERO;
         loop {
             tokio::select! {
-                _ = ticker.tick() => {}
+                () = tokio::time::sleep(wait) => {}
                 () = shutdown.cancelled() => return,
             }
-            match self.run_once().await {
+            let started = tokio::time::Instant::now();
+            let refreshed = self.run_once().await;
+            wait = self.interval.max(started.elapsed().mul_f64(1.0 / MAX_REFRESH_SHARE));
+            match refreshed {
                 Ok(()) if failing => {
                     failing = false;
                     tracing::info!("metrics refresh recovered");

@@ -380,7 +380,7 @@ impl Store {
                                                              j.lease_duration, p.queue_lease_duration), \
                         leased_by = $5, leased_at = now() \
                    FROM picked p \
-                  WHERE j.id = p.id \
+                  WHERE j.id = p.id AND j.id = ANY (ARRAY(SELECT id FROM picked)) \
                  RETURNING j.*) \
              SELECT ",
             hot_job_fields!(),
@@ -399,12 +399,34 @@ impl Store {
 
     /// Time until the next waiting job of these queues (and kinds) becomes
     /// due, or `None` when nothing is scheduled.
+    ///
+    /// The waiting index is ordered by priority before run_at, so "the
+    /// earliest future run_at" is found per priority: the distinct
+    /// priorities of a queue's waiting jobs are walked down the index (a
+    /// skip scan written as a recursive query), and for each one the first
+    /// run_at after now is one index probe. Cost: a few probes per priority
+    /// in use, however many jobs wait (a plain min(run_at) read them all).
     pub async fn jobs_next_due(&self, queues: &[String], kinds: &[String]) -> Result<Option<Duration>> {
         let micros_until: Option<i64> = sqlx::query_scalar(
-            "SELECT (extract(epoch FROM min(j.run_at) - now()) * 1e6)::bigint \
-               FROM workbroker.jobs j \
-              WHERE j.queue = ANY($1::text[]) AND j.state = 2 AND j.run_at > now() \
-                AND (cardinality($2::text[]) = 0 OR j.kind = ANY($2::text[]))",
+            "WITH RECURSIVE priorities AS ( \
+                 SELECT q.name AS queue, \
+                        (SELECT j.priority FROM workbroker.jobs j WHERE j.queue = q.name AND j.state = 2 \
+                          ORDER BY j.priority DESC LIMIT 1) AS priority \
+                   FROM unnest($1::text[]) AS q(name) \
+                 UNION ALL \
+                 SELECT p.queue, \
+                        (SELECT j.priority FROM workbroker.jobs j \
+                          WHERE j.queue = p.queue AND j.state = 2 AND j.priority < p.priority \
+                          ORDER BY j.priority DESC LIMIT 1) \
+                   FROM priorities p WHERE p.priority IS NOT NULL) \
+             SELECT (extract(epoch FROM min(due.run_at) - now()) * 1e6)::bigint \
+               FROM priorities p \
+               CROSS JOIN LATERAL ( \
+                   SELECT j.run_at FROM workbroker.jobs j \
+                    WHERE j.queue = p.queue AND j.state = 2 AND j.priority = p.priority AND j.run_at > now() \
+                      AND (cardinality($2::text[]) = 0 OR j.kind = ANY($2::text[])) \
+                    ORDER BY j.run_at LIMIT 1) due \
+              WHERE p.priority IS NOT NULL",
         )
         .bind(queues)
         .bind(kinds)
@@ -608,17 +630,20 @@ impl Store {
     /// queue's retention. DEAD jobs stay until redriven.
     pub async fn jobs_prune_finished(&self, limit: u32) -> Result<u64> {
         // Per queue, oldest first, through (queue, finished_at): a pass with
-        // nothing to prune costs one index probe per queue. Two reapers may
+        // nothing to prune costs one index probe per queue. The rows go as
+        // `id = ANY (array)`, probed on the primary key whatever the
+        // statistics say (an `IN (subquery)` was planned as a hash join over
+        // the whole table when the statistics had it small). Two reapers may
         // pick the same rows; the second DELETE then finds them gone.
         let deleted = sqlx::query(
-            "DELETE FROM workbroker.finished_jobs f WHERE f.id IN ( \
+            "DELETE FROM workbroker.finished_jobs f WHERE f.id = ANY (ARRAY( \
                  SELECT old.id FROM workbroker.queues q \
                   CROSS JOIN LATERAL ( \
                       SELECT f.id FROM workbroker.finished_jobs f \
                        WHERE f.queue = q.name AND f.state IN (4, 6) \
                          AND f.finished_at < now() - q.completed_retention \
                        ORDER BY f.finished_at LIMIT $1) old \
-                  LIMIT $1)",
+                  LIMIT $1))",
         )
         .bind(i64::from(limit))
         .execute(&self.planned)

@@ -78,7 +78,11 @@ impl Store {
         // Generic plans on the hot path: with custom plans PostgreSQL planned
         // the hot statements again at every execution (their LIMIT and array
         // sizes make a custom plan look cheaper), and planning took twice as
-        // long as running them.
+        // long as running them. A generic plan is made anew whenever ANALYZE
+        // changes the statistics; the statements driven by an `unnest` of
+        // ids (estimated at ten rows) keep probing the primary key, and the
+        // lease names its rows as `id = ANY (array)` too, so that no
+        // estimate of its LIMIT turns it into a scan of the whole table.
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.acquire_timeout)

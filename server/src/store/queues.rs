@@ -192,8 +192,9 @@ impl Store {
     /// Counts per state, the oldest available job's age and the completed
     /// watermark, for one queue or (with `None`) every queue, by name.
     ///
-    /// The counts come from one statement; the watermarks from
-    /// [`Store::queue_watermarks`], taken right after.
+    /// The counts come from one statement (unfinished jobs counted in the hot
+    /// table, finished ones from the counters migration 0006 keeps); the
+    /// watermarks from [`Store::queue_watermarks`], taken right after.
     pub async fn queue_stats(&self, queue: Option<&str>) -> Result<Vec<QueueStatsRecord>> {
         let rows = sqlx::query_as::<_, QueueStatsRow>(
             "SELECT q.name AS queue, q.paused, \
@@ -210,10 +211,10 @@ impl Store {
                               * 1e6)::bigint AS oldest_available_us \
                      FROM workbroker.jobs j WHERE j.queue = q.name) h ON true \
                LEFT JOIN LATERAL ( \
-                   SELECT count(*) FILTER (WHERE f.state = 4) AS completed, \
-                          count(*) FILTER (WHERE f.state = 5) AS dead, \
-                          count(*) FILTER (WHERE f.state = 6) AS cancelled \
-                     FROM workbroker.finished_jobs f WHERE f.queue = q.name) f ON true \
+                   SELECT sum(c.count) FILTER (WHERE c.state = 4)::bigint AS completed, \
+                          sum(c.count) FILTER (WHERE c.state = 5)::bigint AS dead, \
+                          sum(c.count) FILTER (WHERE c.state = 6)::bigint AS cancelled \
+                     FROM workbroker.finished_counts c WHERE c.queue = q.name) f ON true \
               WHERE $1::text IS NULL OR q.name = $1 \
               ORDER BY q.name",
         )
