@@ -224,6 +224,39 @@ async fn a_waiting_stream_gets_the_successor_pushed_when_the_head_dies() -> Resu
     broker.finish().await
 }
 
+/// The settle wakes are sent after the commit, by the replica that ran the
+/// settle statement: a stream on another replica must hear of them too.
+#[tokio::test]
+async fn a_stream_on_another_replica_gets_the_successor_when_the_head_is_acked_or_nacked_here() -> Result<()> {
+    let first = TestBroker::start().await?;
+    let second = first.start_replica().await?;
+    let mut on_first = first.broker().await;
+    let mut on_second = second.broker().await;
+    let ids = enqueue(
+        &mut on_first,
+        vec![
+            keyed_job("push-far", "index", "a"),
+            keyed_job("push-far", "index", "a"),
+            keyed_job("push-far", "index", "a"),
+        ],
+    )
+    .await?;
+    let mut worker = Worker::on(&mut on_first, &["push-far"], 10).await?;
+    let a1 = expect_next(&mut worker, &ids[0]).await?;
+    worker.expect_quiet(QUIET).await?;
+    ack_all(&mut on_second, vec![ack_of(&a1)]).await?;
+    let a2 = expect_next(&mut worker, &ids[1]).await?;
+    worker.expect_quiet(QUIET).await?;
+    // A retry after a short delay: the job goes back to wait, holding its
+    // key, and the other replica's stream is told to look again.
+    let mut nack = nack_of(&a2, "flaky");
+    nack.retry_after = Some(prost_types::Duration { seconds: 0, nanos: 0 });
+    nack_all(&mut on_second, vec![nack]).await?;
+    expect_next(&mut worker, &ids[1]).await?;
+    second.finish_keep_database().await?;
+    first.finish().await
+}
+
 #[tokio::test]
 async fn a_waiting_stream_gets_the_successor_pushed_when_the_head_is_cancelled() -> Result<()> {
     let broker = TestBroker::start().await?;

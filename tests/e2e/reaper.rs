@@ -53,7 +53,7 @@ async fn two_reapers_racing_return_each_expired_lease_exactly_once() -> Result<(
         })
         .collect::<Result<_>>()?;
     assert_eq!(acked.len(), 50);
-    let outcomes = store.jobs_ack_many(&acked).await?;
+    let outcomes = store.jobs_ack_many(&acked).await?.outputs;
     assert!(outcomes.iter().all(|outcome| *outcome == SettleOutcome::Ok));
     let acked_ids: HashSet<i64> = acked.iter().map(|item| item.job_id).collect();
 
@@ -105,7 +105,7 @@ async fn two_reapers_racing_return_each_expired_lease_exactly_once() -> Result<(
             })
         })
         .collect::<Result<_>>()?;
-    let outcomes = store.jobs_ack_many(&stale).await?;
+    let outcomes = store.jobs_ack_many(&stale).await?.outputs;
     assert!(outcomes.iter().all(|outcome| *outcome == SettleOutcome::StaleLease));
     broker.finish().await
 }

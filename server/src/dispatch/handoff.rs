@@ -28,7 +28,8 @@ use crate::store::{self, EnqueuedRecord, Handoff, HeldLease, JobRecord, NewJobRe
 impl Dispatcher {
     /// Inserts jobs (see [`store::Store::jobs_enqueue_many`]), handing those
     /// that can start now to waiting local streams, then wakes the streams
-    /// of queues that got waiting jobs.
+    /// of queues that got waiting jobs, here at once and on the other
+    /// replicas through the [`super::announcer::Announcer`].
     pub async fn enqueue(&self, jobs: Vec<NewJobRecord>) -> store::Result<Vec<EnqueuedRecord>> {
         let targets = self.reserve_handoffs(&jobs);
         let handoffs: Vec<Option<Handoff<'_>>> = targets
@@ -76,13 +77,9 @@ impl Dispatcher {
         for (stream, leased) in delivered.into_values() {
             self.deliver_handoff(&stream, leased).await;
         }
-        // Committed: wake this broker's streams now rather than when the
-        // notification comes back (the listener skips that echo).
         waiting_queues.sort_unstable();
         waiting_queues.dedup();
-        for queue in waiting_queues {
-            self.queue_has_work(queue);
-        }
+        self.queues_have_work(&waiting_queues);
         Ok(enqueued)
     }
 

@@ -25,6 +25,7 @@
 //!   stream ends, its held leases are released with a fenced statement; if
 //!   that fails (database down) they simply expire.
 
+pub mod announcer;
 pub mod batcher;
 mod handoff;
 pub mod listener;
@@ -205,6 +206,9 @@ pub struct Dispatcher {
     changes: broadcast::Sender<i64>,
     leasing: CancellationToken,
     metrics: Arc<Metrics>,
+    /// Queues with new waiting jobs, for the [`announcer::Announcer`] to
+    /// tell the other replicas.
+    announcements: Arc<announcer::Announcements>,
 }
 
 /// Per-stream summary for status and logs.
@@ -231,7 +235,14 @@ impl Dispatcher {
             changes,
             leasing: CancellationToken::new(),
             metrics,
+            announcements: Arc::default(),
         })
+    }
+
+    /// The loop that tells other replicas about jobs enqueued here; the
+    /// broker runs exactly one per dispatcher.
+    pub fn announcer(&self) -> announcer::Announcer {
+        announcer::Announcer::new(self.store.clone(), self.announcements.clone())
     }
 
     /// Queue and trace context of held leases (`None` for leases no local
@@ -388,6 +399,16 @@ impl Dispatcher {
             stream.state().work_epoch += 1;
             stream.wake.notify_one();
         }
+    }
+
+    /// A committed statement of this replica made jobs of these queues
+    /// available: wake this replica's streams now, and have the other
+    /// replicas told (the listener skips the echo of that announcement).
+    pub fn queues_have_work<Queue: AsRef<str>>(&self, queues: &[Queue]) {
+        for queue in queues {
+            self.queue_has_work(queue.as_ref());
+        }
+        self.announcements.announce(queues.iter().map(AsRef::as_ref));
     }
 
     /// Wakes every stream to look for work (after notifications may have been lost).

@@ -25,7 +25,8 @@ use crate::dispatch::batcher::{Batcher, BatcherLimits, batcher};
 use crate::dispatch::listener::settled_payloads;
 use crate::dispatch::{Dispatcher, LeaseInfo};
 use crate::store::{
-    AckItem, EnqueuedRecord, HeldLease, LEASES_CHANNEL, NackItem, NackResult, NewJobRecord, SettleOutcome, Store,
+    AckItem, EnqueuedRecord, HeldLease, LEASES_CHANNEL, NackItem, NackResult, NewJobRecord, SettleOutcome, Settled,
+    Store,
 };
 use crate::telemetry::{self, JobRef, JobStep};
 
@@ -120,7 +121,7 @@ trait SettleItem: Sized + Send + 'static {
 
     fn lease(&self) -> HeldLease;
 
-    fn run(store: &Store, items: &[Self]) -> impl Future<Output = crate::store::Result<Vec<Self::Output>>> + Send;
+    fn run(store: &Store, items: &[Self]) -> impl Future<Output = crate::store::Result<Settled<Self::Output>>> + Send;
 
     /// (took effect, the job went DEAD)
     fn effect(output: &Self::Output) -> (bool, bool);
@@ -135,7 +136,7 @@ impl SettleItem for AckItem {
         HeldLease { job_id: self.job_id, lease_token: self.lease_token }
     }
 
-    fn run(store: &Store, items: &[Self]) -> impl Future<Output = crate::store::Result<Vec<SettleOutcome>>> + Send {
+    fn run(store: &Store, items: &[Self]) -> impl Future<Output = crate::store::Result<Settled<SettleOutcome>>> + Send {
         store.jobs_ack_many(items)
     }
 
@@ -153,7 +154,7 @@ impl SettleItem for NackItem {
         HeldLease { job_id: self.job_id, lease_token: self.lease_token }
     }
 
-    fn run(store: &Store, items: &[Self]) -> impl Future<Output = crate::store::Result<Vec<NackResult>>> + Send {
+    fn run(store: &Store, items: &[Self]) -> impl Future<Output = crate::store::Result<Settled<NackResult>>> + Send {
         store.jobs_nack_many(items)
     }
 
@@ -185,7 +186,8 @@ fn settle_batcher<Item: SettleItem>(
             let dispatcher = dispatcher.clone();
             let metrics = metrics.clone();
             async move {
-                let outputs = Item::run(&store, &items).await?;
+                let Settled { outputs, wake_queues } = Item::run(&store, &items).await?;
+                dispatcher.queues_have_work(&wake_queues);
                 let leases: Vec<HeldLease> = items.iter().map(SettleItem::lease).collect();
                 let effects: Vec<(bool, bool)> = outputs.iter().map(Item::effect).collect();
                 let infos = dispatcher.lease_infos(&leases);

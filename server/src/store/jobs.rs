@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::{
     AckItem, CancelResult, EnqueuedRecord, Error, ExtendItem, ExtendResult, HandedOff, Handoff, HeldLease, JobRecord,
     LeaseParams, ListParams, NackItem, NackResult, NewJobRecord, ReleaseAttempt, Result, ReturnedJob, RunAt,
-    SettleOutcome, Store,
+    SettleOutcome, Settled, Store,
 };
 
 /// Columns of a job read from the `all_jobs` view (public state included).
@@ -156,6 +156,9 @@ impl Store {
     /// goes to directly: such a job is inserted LEASED to that stream's
     /// worker (unless its queue is paused) and its record carries the lease.
     /// Only the one-statement path hands off.
+    ///
+    /// Sends no notification: the caller announces the queues that got
+    /// waiting jobs once this has returned ([`Store::announce_jobs`]).
     pub async fn jobs_enqueue_many(
         &self,
         jobs: &[NewJobRecord],
@@ -262,8 +265,8 @@ impl Store {
     /// Inserts `jobs[index]` for each of `indexes` with one call of
     /// `workbroker.enqueue_jobs` (migration 0004): creates unknown queues,
     /// takes their enqueue barrier, numbers, inserts (handing off as
-    /// `handoffs[index]` says, when given; skipping dedup-key collisions) and
-    /// notifies the queues. Answers in the order of `indexes`.
+    /// `handoffs[index]` says, when given; skipping dedup-key collisions),
+    /// without notifying (migration 0007). Answers in the order of `indexes`.
     async fn insert_jobs<'e>(
         &self,
         executor: impl sqlx::PgExecutor<'e>,
@@ -333,7 +336,7 @@ impl Store {
         .bind(unless_all(attributes, Option::is_none))
         .bind(unless_all(handoff_workers, Option::is_none))
         .bind(unless_all(handoff_lease_micros, Option::is_none))
-        .bind(self.notify_suffix())
+        .bind(None::<&str>)
         .fetch_all(executor)
         .await?;
         // The function answers in input order in practice; nothing in SQL
@@ -437,11 +440,12 @@ impl Store {
 
     /// Completes leased jobs. Each item succeeds only with the job's current
     /// token while it is leased; repeating an ack that took effect answers Ok.
-    pub async fn jobs_ack_many(&self, items: &[AckItem]) -> Result<Vec<SettleOutcome>> {
+    /// Queues where a job of an ordering key finished come back to be woken.
+    pub async fn jobs_ack_many(&self, items: &[AckItem]) -> Result<Settled<SettleOutcome>> {
         let ids: Vec<i64> = items.iter().map(|item| item.job_id).collect();
         let tokens: Vec<Uuid> = items.iter().map(|item| item.lease_token).collect();
         let results: Vec<&[u8]> = items.iter().map(|item| item.result.as_slice()).collect();
-        let outcomes: Vec<i16> = sqlx::query_scalar(concat!(
+        let rows: Vec<(i16, Option<String>)> = sqlx::query_as(concat!(
             "WITH input AS ( \
                  SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::bytea[]) WITH ORDINALITY \
                      AS i(id, token, result, position)), \
@@ -451,20 +455,17 @@ impl Store {
                  RETURNING j.*, i.result AS ack_result), \
              moved AS (",
             insert_finished!("done", "4", "last_error", "nullif(ack_result, ''::bytea)"),
-            " RETURNING id, lease_token), \
-             notified AS ( \
-                 SELECT pg_notify('workbroker_jobs', queue) \
-                   FROM (SELECT DISTINCT queue FROM done WHERE ordering_key IS NOT NULL) q) \
+            " RETURNING id, lease_token, CASE WHEN ordering_key IS NOT NULL THEN queue END AS unblocked) \
              SELECT CASE \
                  WHEN m.id IS NOT NULL THEN 1 \
                  WHEN EXISTS (SELECT 1 FROM workbroker.finished_jobs f \
                                WHERE f.id = i.id AND f.state = 4 AND f.lease_token = i.token) THEN 1 \
                  WHEN EXISTS (SELECT 1 FROM workbroker.jobs j WHERE j.id = i.id) \
                    OR EXISTS (SELECT 1 FROM workbroker.finished_jobs f WHERE f.id = i.id) THEN 2 \
-                 ELSE 3 END::smallint \
+                 ELSE 3 END::smallint, \
+                    m.unblocked \
                FROM input i \
                LEFT JOIN moved m ON m.id = i.id AND m.lease_token = i.token \
-              WHERE (SELECT count(*) FROM notified) >= 0 \
               ORDER BY i.position"
         ))
         .bind(&ids)
@@ -472,18 +473,20 @@ impl Store {
         .bind(&results)
         .fetch_all(&self.pool)
         .await?;
-        Ok(outcomes.into_iter().map(settle_outcome).collect())
+        Ok(Settled::collect(rows.into_iter().map(|(outcome, unblocked)| (settle_outcome(outcome), unblocked))))
     }
 
     /// Fails leased jobs: back to the queue after `retry_after` or the queue's
     /// backoff, or DEAD when permanent or out of attempts. Fenced like acks.
-    pub async fn jobs_nack_many(&self, items: &[NackItem]) -> Result<Vec<NackResult>> {
+    /// Queues that got a job back, or where a job of an ordering key went
+    /// DEAD, come back to be woken.
+    pub async fn jobs_nack_many(&self, items: &[NackItem]) -> Result<Settled<NackResult>> {
         let ids: Vec<i64> = items.iter().map(|item| item.job_id).collect();
         let tokens: Vec<Uuid> = items.iter().map(|item| item.lease_token).collect();
         let errors: Vec<&str> = items.iter().map(|item| item.error.as_str()).collect();
         let retry_after: Vec<Option<i64>> = items.iter().map(|item| item.retry_after.map(micros)).collect();
         let permanent: Vec<bool> = items.iter().map(|item| item.permanent).collect();
-        let rows: Vec<(i16, i16)> = sqlx::query_as(concat!(
+        let rows: Vec<(i16, i16, Option<String>)> = sqlx::query_as(concat!(
             "WITH input AS ( \
                  SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::boolean[]) \
                      WITH ORDINALITY AS i(id, token, error, retry_after_us, permanent, position)), \
@@ -510,22 +513,18 @@ impl Store {
                  RETURNING j.*, t.error AS nack_error), \
              dead AS (",
             insert_finished!("killed", "5", "nack_error", "NULL"),
-            " RETURNING id, lease_token), \
-             notified AS ( \
-                 SELECT pg_notify('workbroker_jobs', queue) FROM ( \
-                     SELECT queue FROM retried \
-                     UNION SELECT queue FROM killed WHERE ordering_key IS NOT NULL) r) \
+            " RETURNING id, lease_token, CASE WHEN ordering_key IS NOT NULL THEN queue END AS unblocked) \
              SELECT CASE \
                       WHEN r.id IS NOT NULL OR d.id IS NOT NULL THEN 1 \
                       WHEN EXISTS (SELECT 1 FROM workbroker.jobs j WHERE j.id = i.id) \
                         OR EXISTS (SELECT 1 FROM workbroker.finished_jobs f WHERE f.id = i.id) THEN 2 \
                       ELSE 3 END::smallint AS outcome, \
                     CASE WHEN r.id IS NOT NULL THEN (CASE WHEN r.scheduled THEN 1 ELSE 2 END) \
-                         WHEN d.id IS NOT NULL THEN 5 ELSE 0 END::smallint AS next_state \
+                         WHEN d.id IS NOT NULL THEN 5 ELSE 0 END::smallint AS next_state, \
+                    coalesce(r.queue, d.unblocked) AS wake \
                FROM input i \
                LEFT JOIN retried r ON r.id = i.id AND r.token = i.token \
                LEFT JOIN dead d ON d.id = i.id AND d.lease_token = i.token \
-              WHERE (SELECT count(*) FROM notified) >= 0 \
               ORDER BY i.position"
         ))
         .bind(&ids)
@@ -535,13 +534,9 @@ impl Store {
         .bind(&permanent)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(outcome, next_state)| NackResult {
-                outcome: settle_outcome(outcome),
-                next_state: (next_state != 0).then_some(next_state),
-            })
-            .collect())
+        Ok(Settled::collect(rows.into_iter().map(|(outcome, next_state, wake)| {
+            (NackResult { outcome: settle_outcome(outcome), next_state: (next_state != 0).then_some(next_state) }, wake)
+        })))
     }
 
     /// Moves lease expiries to now + `extend_by`, for current tokens of leased jobs.
@@ -767,8 +762,36 @@ impl Store {
     }
 
     /// Sends a notification (outside any transaction).
+    ///
+    /// Its transaction commits asynchronously: a transaction that notifies
+    /// holds a database-wide lock across its commit, and waiting there for
+    /// a WAL flush would hold up every other notifying commit. Losing the
+    /// notification in a crash loses nothing (its listeners lose their
+    /// connection too, and look again when they reconnect).
     pub async fn notify(&self, channel: &str, payload: &str) -> Result<()> {
-        sqlx::query("SELECT pg_notify($1, $2)").bind(channel).bind(payload).execute(&self.pool).await?;
+        sqlx::query("SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Tells every replica's listener that these queues got waiting jobs:
+    /// one `workbroker_jobs` notification per queue, the name followed by
+    /// this store's [`Store::notify_suffix`] (so this replica's own listener
+    /// skips them), in one asynchronously committed statement like
+    /// [`Store::notify`]'s.
+    pub async fn announce_jobs(&self, queues: &[String]) -> Result<()> {
+        sqlx::query(
+            "SELECT set_config('synchronous_commit', 'off', true), pg_notify($3, q.name || $2) \
+               FROM unnest($1::text[]) AS q(name)",
+        )
+        .bind(queues)
+        .bind(self.notify_suffix())
+        .bind(super::JOBS_CHANNEL)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 }

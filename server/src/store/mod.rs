@@ -286,6 +286,31 @@ pub enum SettleOutcome {
     NotFound,
 }
 
+/// What a batch of acks or nacks did: one output per item, and the queues
+/// where it may have made jobs available (a job of an ordering key finished,
+/// so the next one of that key may run; a nacked job went back to wait).
+/// The statements send no notification: the caller wakes those queues.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settled<T> {
+    pub outputs: Vec<T>,
+    /// Distinct, sorted.
+    pub wake_queues: Vec<String>,
+}
+
+impl<T> Settled<T> {
+    fn collect(rows: impl Iterator<Item = (T, Option<String>)>) -> Self {
+        let mut outputs = Vec::new();
+        let mut wake_queues = Vec::new();
+        for (output, wake) in rows {
+            outputs.push(output);
+            wake_queues.extend(wake);
+        }
+        wake_queues.sort_unstable();
+        wake_queues.dedup();
+        Self { outputs, wake_queues }
+    }
+}
+
 /// One ack of a batch.
 #[derive(Clone, Debug)]
 pub struct AckItem {
