@@ -206,7 +206,12 @@ async fn the_vacuumer_vacuums_a_job_table_full_of_dead_rows() -> Result<()> {
     let broker = TestBroker::start().await?;
     let mut client = broker.broker().await;
     let pool = broker.database.pool().await?;
-    let config = VacuumConfig { interval: std::time::Duration::from_secs(1), min_dead_rows: 50, dead_fraction: 0.0 };
+    let config = VacuumConfig {
+        interval: std::time::Duration::from_secs(1),
+        min_dead_rows: 50,
+        dead_fraction: 0.0,
+        ..VacuumConfig::default()
+    };
     let vacuumer = Vacuumer::new(Store::from_pool(pool.clone()), config);
     assert!(vacuumer.run_once().await?.is_empty(), "nothing to vacuum in an empty database");
 
@@ -231,6 +236,49 @@ async fn the_vacuumer_vacuums_a_job_table_full_of_dead_rows() -> Result<()> {
     let vacuumed = vacuumer.run_once().await?;
     assert!(vacuumed.contains(&JobTable::Jobs), "vacuumed {vacuumed:?}");
     assert!(dead_rows().await? < 50, "the vacuum reclaimed the dead rows");
+    pool.close().await;
+    broker.finish().await
+}
+
+/// A job table that filled up since its statistics were taken gets them
+/// again (and with them fresh plans for every cached statement on it).
+#[tokio::test]
+async fn the_vacuumer_analyzes_a_job_table_that_filled_up() -> Result<()> {
+    use workbroker_server::vacuum::{VacuumConfig, Vacuumer};
+
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let pool = broker.database.pool().await?;
+    let config = VacuumConfig { min_changed_rows: 100, changed_fraction: 0.0, ..VacuumConfig::default() };
+    let vacuumer = Vacuumer::new(Store::from_pool(pool.clone()), config);
+    let activity = || async {
+        let row: (i64, bool) = sqlx::query_as(
+            "SELECT n_mod_since_analyze, last_analyze IS NOT NULL FROM pg_stat_user_tables \
+              WHERE relid = 'workbroker.jobs'::regclass",
+        )
+        .fetch_one(&pool)
+        .await?;
+        Ok::<_, anyhow::Error>(row)
+    };
+    vacuumer.run_once().await?;
+    assert!(!activity().await?.1, "an empty table is not analyzed");
+
+    enqueue(&mut client, (0..150).map(|_| new_job("analyze", "k")).collect()).await?;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while activity().await?.0 <= 100 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the statistics never showed the inserts");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(vacuumer.run_once().await?.is_empty(), "no dead rows: analyzed, not vacuumed");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (changed, analyzed) = activity().await?;
+        if analyzed && changed == 0 {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "not analyzed: {changed} changed rows");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
     pool.close().await;
     broker.finish().await
 }

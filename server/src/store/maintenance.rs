@@ -1,4 +1,4 @@
-//! Table maintenance: the job tables' dead-row counters and VACUUM.
+//! Table maintenance: the job tables' activity counters, VACUUM and ANALYZE.
 
 use super::{Result, Store};
 
@@ -21,29 +21,32 @@ impl JobTable {
     }
 }
 
-/// Live and dead row counts of a table, as PostgreSQL's statistics have them.
+/// Live and dead row counts of a table, and rows changed since its last
+/// ANALYZE, as PostgreSQL's statistics have them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TableActivity {
     pub table: JobTable,
     pub live_rows: i64,
     pub dead_rows: i64,
+    pub changed_since_analyze: i64,
 }
 
 impl Store {
     /// Live and dead rows of both job tables.
     pub async fn job_tables_activity(&self) -> Result<Vec<TableActivity>> {
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT relname::text, n_live_tup, n_dead_tup FROM pg_stat_user_tables \
+        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT relname::text, n_live_tup, n_dead_tup, n_mod_since_analyze FROM pg_stat_user_tables \
               WHERE schemaname = 'workbroker' AND relname IN ('jobs', 'finished_jobs')",
         )
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(name, live_rows, dead_rows)| TableActivity {
+            .map(|(name, live_rows, dead_rows, changed_since_analyze)| TableActivity {
                 table: if name == "jobs" { JobTable::Jobs } else { JobTable::FinishedJobs },
                 live_rows,
                 dead_rows,
+                changed_since_analyze,
             })
             .collect())
     }
@@ -55,6 +58,17 @@ impl Store {
         let statement = match table {
             JobTable::Jobs => "VACUUM (SKIP_LOCKED, ANALYZE) workbroker.jobs",
             JobTable::FinishedJobs => "VACUUM (SKIP_LOCKED, ANALYZE) workbroker.finished_jobs",
+        };
+        sqlx::raw_sql(statement).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// `ANALYZE (SKIP_LOCKED)` of one job table: fresh statistics, and every
+    /// session's cached plans of statements on the table are made again.
+    pub async fn job_table_analyze(&self, table: JobTable) -> Result<()> {
+        let statement = match table {
+            JobTable::Jobs => "ANALYZE (SKIP_LOCKED) workbroker.jobs",
+            JobTable::FinishedJobs => "ANALYZE (SKIP_LOCKED) workbroker.finished_jobs",
         };
         sqlx::raw_sql(statement).execute(&self.pool).await?;
         Ok(())
