@@ -1,5 +1,14 @@
 //! Job statements: enqueue, lease, ack, nack, extend, release, expire, cancel,
 //! redrive, prune, read.
+//!
+//! Settles find their job by `id` and `lease_token` alone, never with
+//! `state = 3` beside them: a job has a token exactly while it is LEASED
+//! (the table's check constraint), so the state adds nothing, and it would
+//! let the planner answer from the partial index of leased jobs instead of
+//! probing the primary key. With statistics taken while nothing was leased
+//! (a paused queue filling up) that index looks one row long, and the
+//! cached plan of every ack then walked all leased jobs for each batch: a
+//! million-job backlog drained at 2,600 jobs/s instead of 20,000.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -75,7 +84,7 @@ macro_rules! return_leases {
             $refund,
             " AND j.attempt >= j.max_attempts AS to_dead \
                    FROM targets t JOIN workbroker.jobs j \
-                     ON j.id = t.id AND j.lease_token = t.token AND j.state = 3), \
+                     ON j.id = t.id AND j.lease_token = t.token), \
              requeued AS ( \
                  UPDATE workbroker.jobs j \
                     SET state = 2, run_at = now(), lease_token = NULL, lease_expires_at = NULL, \
@@ -84,11 +93,11 @@ macro_rules! return_leases {
             $refund,
             " THEN greatest(j.attempt - 1, 0) ELSE j.attempt END \
                    FROM eligible e \
-                  WHERE j.id = e.id AND NOT e.to_dead AND j.lease_token = e.token AND j.state = 3 \
+                  WHERE j.id = e.id AND NOT e.to_dead AND j.lease_token = e.token \
                  RETURNING j.id, j.queue, j.attributes ->> 'traceparent' AS traceparent), \
              killed AS ( \
                  DELETE FROM workbroker.jobs j USING eligible e \
-                  WHERE j.id = e.id AND e.to_dead AND j.lease_token = e.token AND j.state = 3 \
+                  WHERE j.id = e.id AND e.to_dead AND j.lease_token = e.token \
                  RETURNING j.*), \
              dead AS (",
             insert_finished!("killed", "5", "$2", "NULL"),
@@ -164,12 +173,15 @@ impl Store {
         jobs: &[NewJobRecord],
         handoffs: &[Option<Handoff<'_>>],
     ) -> Result<Vec<EnqueuedRecord>> {
-        if jobs.iter().all(|job| job.dedup_key.is_none()) {
+        let enqueued = if jobs.iter().all(|job| job.dedup_key.is_none()) {
             let all: Vec<usize> = (0..jobs.len()).collect();
             let rows = self.insert_jobs(&self.pool, jobs, &all, handoffs).await?;
-            return Ok(rows.iter().map(InsertedRow::record).collect());
-        }
-        self.jobs_enqueue_with_dedup(jobs).await
+            rows.iter().map(InsertedRow::record).collect()
+        } else {
+            self.jobs_enqueue_with_dedup(jobs).await?
+        };
+        self.record_inserted(enqueued.len());
+        Ok(enqueued)
     }
 
     async fn jobs_enqueue_with_dedup(&self, jobs: &[NewJobRecord]) -> Result<Vec<EnqueuedRecord>> {
@@ -451,7 +463,7 @@ impl Store {
                      AS i(id, token, result, position)), \
              done AS ( \
                  DELETE FROM workbroker.jobs j USING input i \
-                  WHERE j.id = i.id AND j.lease_token = i.token AND j.state = 3 \
+                  WHERE j.id = i.id AND j.lease_token = i.token \
                  RETURNING j.*, i.result AS ack_result), \
              moved AS (",
             insert_finished!("done", "4", "last_error", "nullif(ack_result, ''::bytea)"),
@@ -496,7 +508,7 @@ impl Store {
                         coalesce(i.retry_after_us, workbroker.backoff_micros(j.attempt, q.backoff_initial, \
                                  q.backoff_max, q.backoff_multiplier, q.backoff_jitter)) AS delay_us \
                    FROM input i \
-                   JOIN workbroker.jobs j ON j.id = i.id AND j.lease_token = i.token AND j.state = 3 \
+                   JOIN workbroker.jobs j ON j.id = i.id AND j.lease_token = i.token \
                    JOIN workbroker.queues q ON q.name = j.queue \
                   ORDER BY j.id, i.position), \
              retried AS ( \
@@ -505,11 +517,11 @@ impl Store {
                         lease_token = NULL, lease_expires_at = NULL, leased_by = NULL, leased_at = NULL, \
                         last_error = t.error \
                    FROM target t \
-                  WHERE j.id = t.id AND NOT t.to_dead AND j.lease_token = t.token AND j.state = 3 \
+                  WHERE j.id = t.id AND NOT t.to_dead AND j.lease_token = t.token \
                  RETURNING j.id, t.token, j.queue, t.delay_us > 0 AS scheduled), \
              killed AS ( \
                  DELETE FROM workbroker.jobs j USING target t \
-                  WHERE j.id = t.id AND t.to_dead AND j.lease_token = t.token AND j.state = 3 \
+                  WHERE j.id = t.id AND t.to_dead AND j.lease_token = t.token \
                  RETURNING j.*, t.error AS nack_error), \
              dead AS (",
             insert_finished!("killed", "5", "nack_error", "NULL"),
@@ -552,7 +564,7 @@ impl Store {
                  UPDATE workbroker.jobs j \
                     SET lease_expires_at = now() + i.extend_us * interval '1 microsecond' \
                    FROM input i \
-                  WHERE j.id = i.id AND j.lease_token = i.token AND j.state = 3 \
+                  WHERE j.id = i.id AND j.lease_token = i.token \
                  RETURNING j.id, j.lease_token, j.lease_expires_at) \
              SELECT CASE \
                       WHEN e.id IS NOT NULL THEN 1 \

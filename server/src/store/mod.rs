@@ -53,7 +53,22 @@ pub struct Store {
     /// broker wakes its own streams right after the commit and its listener
     /// skips the echo.
     notify_suffix: Arc<str>,
+    /// Jobs this store inserted since the vacuumer was last nudged.
+    growth: Arc<TableGrowth>,
 }
+
+/// Jobs inserted since the last nudge, and the nudge itself: an empty job
+/// table that fills up must get fresh statistics soon, since every cached
+/// plan on it was made for an empty table (see [`crate::vacuum`]).
+#[derive(Debug, Default)]
+struct TableGrowth {
+    inserted: std::sync::atomic::AtomicU64,
+    nudge: tokio::sync::Notify,
+}
+
+/// Jobs inserted by one store that nudge the vacuumer to look at the
+/// statistics before its next tick.
+const GROWTH_NUDGE_JOBS: u64 = 5_000;
 
 /// How to reach the database.
 #[derive(Clone, Debug)]
@@ -91,12 +106,29 @@ impl Store {
             .max_connections(PLANNED_CONNECTIONS)
             .acquire_timeout(config.acquire_timeout)
             .connect_lazy_with(options);
-        Ok(Self { pool, planned, notify_suffix: new_notify_suffix() })
+        Ok(Self { pool, planned, notify_suffix: new_notify_suffix(), growth: Arc::default() })
     }
 
     /// Wraps an existing pool (tests): all statements use it.
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { planned: pool.clone(), pool, notify_suffix: new_notify_suffix() }
+        Self { planned: pool.clone(), pool, notify_suffix: new_notify_suffix(), growth: Arc::default() }
+    }
+
+    /// Counts inserted jobs; every [`GROWTH_NUDGE_JOBS`] of them wake
+    /// [`Store::job_tables_grew`].
+    fn record_inserted(&self, jobs: usize) {
+        use std::sync::atomic::Ordering;
+        let jobs = u64::try_from(jobs).unwrap_or(u64::MAX);
+        let before = self.growth.inserted.fetch_add(jobs, Ordering::Relaxed);
+        if before / GROWTH_NUDGE_JOBS != before.saturating_add(jobs) / GROWTH_NUDGE_JOBS {
+            self.growth.nudge.notify_one();
+        }
+    }
+
+    /// Resolves once this store has inserted many jobs since the last time
+    /// it resolved (the vacuumer then checks the statistics early).
+    pub async fn job_tables_grew(&self) {
+        self.growth.nudge.notified().await;
     }
 
     /// What this store appends to the queue name in the notifications of its
