@@ -11,15 +11,19 @@
 //! keeping up, it finds nothing to do; `SKIP_LOCKED` steps aside when
 //! autovacuum is already at the table.
 //!
-//! It also runs `ANALYZE` on a job table whose rows changed since the last
-//! one by more than `min_changed_rows + changed_fraction × live rows`. Job
+//! It also runs `ANALYZE` on a job table that grew past
+//! `min_grown_rows + growth_factor ×` the rows the planner plans with. Job
 //! tables swing between empty and millions of rows, and the hot path runs
 //! cached generic plans: a plan made while the table was empty (a lease
 //! walking every leased row, an ack scanning an index instead of probing the
 //! key) ran a drain at a fifth of its speed until the next statistics
 //! update, which invalidates every cached plan on the table. So besides its
 //! ticks, the vacuumer checks soon after this replica inserted many jobs
-//! (enqueues on other replicas are seen at the next tick).
+//! (enqueues on other replicas are seen at the next tick). Churn alone (a
+//! steady flow through a table of constant size) never triggers it: each
+//! ANALYZE makes every session plan its statements on the table again,
+//! which at 5,000 jobs/s, once a second, took the latency p50 from 7 ms to
+//! over 100 ms.
 
 use std::time::Duration;
 
@@ -41,10 +45,10 @@ pub struct VacuumConfig {
     pub min_dead_rows: i64,
     /// Dead rows allowed per live row, on top of `min_dead_rows`.
     pub dead_fraction: f64,
-    /// Rows that may always change between two ANALYZEs.
-    pub min_changed_rows: i64,
-    /// Changed rows allowed per live row, on top of `min_changed_rows`.
-    pub changed_fraction: f64,
+    /// Rows a table may always have beyond what the planner assumes.
+    pub min_grown_rows: i64,
+    /// Live rows allowed per row the planner assumes, on top of `min_grown_rows`.
+    pub growth_factor: f64,
 }
 
 impl Default for VacuumConfig {
@@ -53,8 +57,8 @@ impl Default for VacuumConfig {
             interval: Duration::from_secs(5),
             min_dead_rows: 20_000,
             dead_fraction: 0.2,
-            min_changed_rows: 5_000,
-            changed_fraction: 0.2,
+            min_grown_rows: 5_000,
+            growth_factor: 2.0,
         }
     }
 }
@@ -65,9 +69,10 @@ impl VacuumConfig {
         dead_rows as f64 > self.min_dead_rows as f64 + self.dead_fraction * live_rows.max(0) as f64
     }
 
-    /// Whether a table with these counts needs fresh statistics.
-    pub fn needs_analyze(&self, live_rows: i64, changed_rows: i64) -> bool {
-        changed_rows as f64 > self.min_changed_rows as f64 + self.changed_fraction * live_rows.max(0) as f64
+    /// Whether a table with `live_rows` needs fresh statistics, when its
+    /// plans assume `planned_rows`.
+    pub fn needs_analyze(&self, live_rows: i64, planned_rows: i64) -> bool {
+        live_rows as f64 > self.min_grown_rows as f64 + self.growth_factor * planned_rows.max(0) as f64
     }
 }
 
@@ -125,12 +130,12 @@ impl Vacuumer {
         let mut vacuumed = Vec::new();
         for table in self.store.job_tables_activity().await? {
             if !self.config.needs_vacuum(table.live_rows, table.dead_rows) {
-                if self.config.needs_analyze(table.live_rows, table.changed_since_analyze) {
+                if self.config.needs_analyze(table.live_rows, table.planned_rows) {
                     self.store.job_table_analyze(table.table).await?;
                     tracing::debug!(
                         table = table.table.name(),
                         live_rows = table.live_rows,
-                        changed_rows = table.changed_since_analyze,
+                        planned_rows = table.planned_rows,
                         "analyzed"
                     );
                 }
@@ -166,11 +171,12 @@ mod tests {
     }
 
     #[test]
-    fn analyzes_past_a_floor_plus_a_fraction_of_the_live_rows() {
-        let config = VacuumConfig { min_changed_rows: 1_000, changed_fraction: 0.5, ..VacuumConfig::default() };
-        assert!(!config.needs_analyze(0, 1_000));
-        assert!(config.needs_analyze(0, 1_001), "an empty table filled with jobs");
-        assert!(!config.needs_analyze(1_000_000, 400_000));
-        assert!(config.needs_analyze(1_000_000, 600_000));
+    fn analyzes_a_table_grown_well_past_what_its_plans_assume() {
+        let config = VacuumConfig { min_grown_rows: 1_000, growth_factor: 2.0, ..VacuumConfig::default() };
+        assert!(!config.needs_analyze(1_000, 0));
+        assert!(config.needs_analyze(1_001, 0), "an empty table filled with jobs");
+        assert!(!config.needs_analyze(1_000_000, 500_000), "steady churn at about the planned size");
+        assert!(config.needs_analyze(1_000_000, 400_000));
+        assert!(!config.needs_analyze(10, 1_000_000), "a table that emptied keeps its plans");
     }
 }

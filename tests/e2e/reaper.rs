@@ -249,7 +249,7 @@ async fn the_vacuumer_analyzes_a_job_table_that_filled_up() -> Result<()> {
     let broker = TestBroker::start().await?;
     let mut client = broker.broker().await;
     let pool = broker.database.pool().await?;
-    let config = VacuumConfig { min_changed_rows: 100, changed_fraction: 0.0, ..VacuumConfig::default() };
+    let config = VacuumConfig { min_grown_rows: 100, growth_factor: 2.0, ..VacuumConfig::default() };
     let vacuumer = Vacuumer::new(Store::from_pool(pool.clone()), config);
     let activity = || async {
         let row: (i64, bool) = sqlx::query_as(

@@ -21,32 +21,34 @@ impl JobTable {
     }
 }
 
-/// Live and dead row counts of a table, and rows changed since its last
-/// ANALYZE, as PostgreSQL's statistics have them.
+/// Live and dead row counts of a table, as PostgreSQL's statistics have
+/// them, and the row count the planner plans with (`pg_class.reltuples`,
+/// as of the last VACUUM or ANALYZE).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TableActivity {
     pub table: JobTable,
     pub live_rows: i64,
     pub dead_rows: i64,
-    pub changed_since_analyze: i64,
+    pub planned_rows: i64,
 }
 
 impl Store {
     /// Live and dead rows of both job tables.
     pub async fn job_tables_activity(&self) -> Result<Vec<TableActivity>> {
         let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
-            "SELECT relname::text, n_live_tup, n_dead_tup, n_mod_since_analyze FROM pg_stat_user_tables \
-              WHERE schemaname = 'workbroker' AND relname IN ('jobs', 'finished_jobs')",
+            "SELECT s.relname::text, s.n_live_tup, s.n_dead_tup, greatest(c.reltuples, 0)::bigint \
+               FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid \
+              WHERE s.schemaname = 'workbroker' AND s.relname IN ('jobs', 'finished_jobs')",
         )
         .fetch_all(&self.pool)
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(name, live_rows, dead_rows, changed_since_analyze)| TableActivity {
+            .map(|(name, live_rows, dead_rows, planned_rows)| TableActivity {
                 table: if name == "jobs" { JobTable::Jobs } else { JobTable::FinishedJobs },
                 live_rows,
                 dead_rows,
-                changed_since_analyze,
+                planned_rows,
             })
             .collect())
     }
