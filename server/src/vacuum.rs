@@ -15,8 +15,8 @@
 //! `min_grown_rows + growth_factor ×` the rows the planner plans with. Job
 //! tables swing between empty and millions of rows, and the hot path runs
 //! cached generic plans: a plan made while the table was empty (a lease
-//! walking every leased row, an ack scanning an index instead of probing the
-//! key) ran a drain at a fifth of its speed until the next statistics
+//! reading and sorting its whole queue instead of walking the waiting index
+//! in order) ran a drain at a fifth of its speed until the next statistics
 //! update, which invalidates every cached plan on the table. So besides its
 //! ticks, the vacuumer checks soon after this replica inserted many jobs
 //! (enqueues on other replicas are seen at the next tick). Churn alone (a

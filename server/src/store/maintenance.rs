@@ -33,7 +33,7 @@ pub struct TableActivity {
 }
 
 impl Store {
-    /// Live and dead rows of both job tables.
+    /// Live, dead and planned rows of both job tables.
     pub async fn job_tables_activity(&self) -> Result<Vec<TableActivity>> {
         let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
             "SELECT s.relname::text, s.n_live_tup, s.n_dead_tup, greatest(c.reltuples, 0)::bigint \
