@@ -405,6 +405,9 @@ impl Dispatcher {
     /// available: wake this replica's streams now, and have the other
     /// replicas told (the listener skips the echo of that announcement).
     pub fn queues_have_work<Queue: AsRef<str>>(&self, queues: &[Queue]) {
+        if queues.is_empty() {
+            return;
+        }
         for queue in queues {
             self.queue_has_work(queue.as_ref());
         }

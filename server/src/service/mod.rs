@@ -205,10 +205,11 @@ fn settle_batcher<Item: SettleItem>(
 /// about leases held elsewhere, and wake watchers.
 async fn settle(store: &Store, dispatcher: &Dispatcher, leases: &[HeldLease]) {
     let foreign = dispatcher.leases_settled(leases);
-    for payload in settled_payloads(&foreign) {
-        if let Err(error) = store.notify(LEASES_CHANNEL, &payload).await {
-            tracing::warn!(%error, "could not announce settled leases to other replicas");
-        }
+    let payloads = settled_payloads(&foreign);
+    if !payloads.is_empty()
+        && let Err(error) = store.notify_many(LEASES_CHANNEL, &payloads).await
+    {
+        tracing::warn!(%error, "could not announce settled leases to other replicas");
     }
     dispatcher.publish_changes(leases.iter().map(|lease| lease.job_id));
 }

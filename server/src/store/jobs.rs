@@ -774,37 +774,38 @@ impl Store {
     }
 
     /// Sends a notification (outside any transaction).
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<()> {
+        self.notify_many(channel, &[payload]).await
+    }
+
+    /// Sends one notification per payload on `channel`, in one statement
+    /// outside any transaction.
     ///
     /// Its transaction commits asynchronously: a transaction that notifies
     /// holds a database-wide lock across its commit, and waiting there for
     /// a WAL flush would hold up every other notifying commit. Losing the
-    /// notification in a crash loses nothing (its listeners lose their
+    /// notifications in a crash loses nothing (their listeners lose their
     /// connection too, and look again when they reconnect).
-    pub async fn notify(&self, channel: &str, payload: &str) -> Result<()> {
-        sqlx::query("SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, $2)")
-            .bind(channel)
-            .bind(payload)
-            .execute(&self.pool)
-            .await?;
+    pub async fn notify_many<Payload: AsRef<str>>(&self, channel: &str, payloads: &[Payload]) -> Result<()> {
+        let payloads: Vec<&str> = payloads.iter().map(AsRef::as_ref).collect();
+        sqlx::query(
+            "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, p.payload) \
+               FROM unnest($2::text[]) AS p(payload)",
+        )
+        .bind(channel)
+        .bind(&payloads)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
     /// Tells every replica's listener that these queues got waiting jobs:
     /// one `workbroker_jobs` notification per queue, the name followed by
     /// this store's [`Store::notify_suffix`] (so this replica's own listener
-    /// skips them), in one asynchronously committed statement like
-    /// [`Store::notify`]'s.
+    /// skips them).
     pub async fn announce_jobs(&self, queues: &[String]) -> Result<()> {
-        sqlx::query(
-            "SELECT set_config('synchronous_commit', 'off', true), pg_notify($3, q.name || $2) \
-               FROM unnest($1::text[]) AS q(name)",
-        )
-        .bind(queues)
-        .bind(self.notify_suffix())
-        .bind(super::JOBS_CHANNEL)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let payloads: Vec<String> = queues.iter().map(|queue| format!("{queue}{}", self.notify_suffix())).collect();
+        self.notify_many(super::JOBS_CHANNEL, &payloads).await
     }
 }
 

@@ -57,22 +57,18 @@ impl Store {
     /// for reuse and refreshes the planner's statistics; skipped when another
     /// vacuum holds the table. Needs the table's owner (the migrating role).
     pub async fn job_table_vacuum(&self, table: JobTable) -> Result<()> {
-        let statement = match table {
-            JobTable::Jobs => "VACUUM (SKIP_LOCKED, ANALYZE) workbroker.jobs",
-            JobTable::FinishedJobs => "VACUUM (SKIP_LOCKED, ANALYZE) workbroker.finished_jobs",
-        };
-        sqlx::raw_sql(statement).execute(&self.pool).await?;
-        Ok(())
+        self.job_table_maintain("VACUUM (SKIP_LOCKED, ANALYZE)", table).await
     }
 
     /// `ANALYZE (SKIP_LOCKED)` of one job table: fresh statistics, and every
     /// session's cached plans of statements on the table are made again.
     pub async fn job_table_analyze(&self, table: JobTable) -> Result<()> {
-        let statement = match table {
-            JobTable::Jobs => "ANALYZE (SKIP_LOCKED) workbroker.jobs",
-            JobTable::FinishedJobs => "ANALYZE (SKIP_LOCKED) workbroker.finished_jobs",
-        };
-        sqlx::raw_sql(statement).execute(&self.pool).await?;
+        self.job_table_maintain("ANALYZE (SKIP_LOCKED)", table).await
+    }
+
+    /// Runs `command` on `table` (both fixed strings of this module).
+    async fn job_table_maintain(&self, command: &'static str, table: JobTable) -> Result<()> {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{command} {}", table.name()))).execute(&self.pool).await?;
         Ok(())
     }
 }
