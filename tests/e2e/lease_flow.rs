@@ -204,6 +204,38 @@ async fn higher_priority_jobs_are_leased_first() -> Result<()> {
 }
 
 #[tokio::test]
+async fn one_enqueue_of_many_jobs_answers_each_job_in_request_order() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    // Mixed queues, priorities and delays in one request (one statement):
+    // the answer's n-th id must be the n-th job, and each queue numbers its
+    // jobs in request order.
+    let jobs: Vec<v1::NewJob> = (0..60_i32)
+        .map(|index| {
+            let mut job = new_job(["mixed-a", "mixed-b", "mixed-c"][(index % 3) as usize], "k");
+            job.payload = format!("job-{index}").into_bytes();
+            job.priority = index % 4;
+            if index % 5 == 0 {
+                job.delay = Some(seconds(60.0));
+            }
+            job
+        })
+        .collect();
+    let answer = client.enqueue(v1::EnqueueRequest { jobs: jobs.clone() }).await?.into_inner().jobs;
+    assert_eq!(answer.len(), jobs.len());
+    let mut last_sequence: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for (job, enqueued) in jobs.iter().zip(&answer) {
+        let stored = client.get_job(v1::GetJobRequest { job_id: enqueued.job_id.clone() }).await?.into_inner();
+        assert_eq!(stored.payload, job.payload, "job {} answered with another job's id", enqueued.job_id);
+        assert_eq!(stored.queue, job.queue);
+        assert_eq!(stored.sequence, enqueued.sequence);
+        let previous = last_sequence.insert(job.queue.clone(), enqueued.sequence).unwrap_or(0);
+        assert!(enqueued.sequence > previous, "sequences of {} follow the request order", job.queue);
+    }
+    broker.finish().await
+}
+
+#[tokio::test]
 async fn delayed_jobs_wait_for_their_time_then_arrive_promptly() -> Result<()> {
     let broker = TestBroker::start().await?;
     let mut client = broker.broker().await;
