@@ -7,6 +7,10 @@
 -- statement) now inserts straight from its arrays and answers from
 -- RETURNING. Same signature and answer; a batch with dedup keys takes the
 -- path of version 7.
+--
+-- The two branches each spell out how a job's row is computed: sharing it
+-- through a set-returning function would materialize the rows again (a
+-- volatile SQL function is not inlined), which is the cost this removes.
 
 CREATE OR REPLACE FUNCTION workbroker.enqueue_jobs(
     queues text[], kinds text[], priorities integer[], run_at_us bigint[], delay_us bigint[],
@@ -70,7 +74,9 @@ BEGIN
         SELECT i.id, i.sequence, true, row_number() OVER (ORDER BY i.id), i.lease_token, i.lease_expires_at,
                CASE WHEN i.lease_token IS NOT NULL THEN i.max_attempts END, i.leased_at
           FROM inserted i;
-        PERFORM pg_notify('workbroker_jobs', n || notify_suffix) FROM unnest(names) AS n WHERE notify_suffix IS NOT NULL;
+        IF notify_suffix IS NOT NULL THEN
+            PERFORM pg_notify('workbroker_jobs', n || notify_suffix) FROM unnest(names) AS n;
+        END IF;
         RETURN;
     END IF;
     RETURN QUERY
