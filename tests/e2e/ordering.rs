@@ -32,6 +32,13 @@ async fn fresh_stream_gets(
     expected_ids: &[&str],
 ) -> Result<(Worker, Vec<v1::LeasedJob>)> {
     let mut worker = Worker::on(client, &[queue], 10).await?;
+    let jobs = stream_gets(&mut worker, expected_ids).await?;
+    Ok((worker, jobs))
+}
+
+/// Checks an open stream is sent exactly `expected_ids` (in any order) and
+/// nothing more, and returns the leases.
+async fn stream_gets(worker: &mut Worker, expected_ids: &[&str]) -> Result<Vec<v1::LeasedJob>> {
     let jobs = worker.take_jobs(expected_ids.len(), WAIT).await?;
     let mut got: Vec<String> = jobs.iter().map(id_of).collect();
     got.sort();
@@ -39,7 +46,7 @@ async fn fresh_stream_gets(
     expected.sort();
     anyhow::ensure!(got == expected, "expected {expected:?}, got {got:?}");
     worker.expect_quiet(QUIET).await?;
-    Ok((worker, jobs))
+    Ok(jobs)
 }
 
 fn lease_of<'a>(jobs: &'a [v1::LeasedJob], job_id: &str) -> Result<&'a v1::LeasedJob> {
@@ -89,6 +96,45 @@ async fn jobs_sharing_a_key_are_leased_one_at_a_time_in_enqueue_order() -> Resul
     let stats = stats_of(&mut admin, "ordered").await?;
     assert_eq!(stats.completed, 5);
     assert_eq!(stats.completed_watermark, 5);
+    broker.finish().await
+}
+
+/// A deep backlog of few keys, planned with table statistics (as a busy
+/// broker's tables are): only the head of each key is leased, a leased head
+/// holds its key, and the next job of a key comes once its head is acked.
+#[tokio::test]
+async fn only_key_heads_are_leased_from_a_deep_analyzed_backlog() -> Result<()> {
+    const PER_KEY: usize = 40;
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let keys = ["a", "b", "c"];
+    let mut jobs: Vec<v1::NewJob> =
+        (0..PER_KEY).flat_map(|_| keys.iter().map(|key| keyed_job("deep", "index", key))).collect();
+    jobs.push(new_job("deep", "index"));
+    let ids = enqueue(&mut client, jobs).await?;
+    // Jobs are interleaved a, b, c, a, b, c, ...: job `round` of a key is
+    // at `round * 3 + key index`.
+    let nth = |round: usize, key: usize| ids[round * keys.len() + key].as_str();
+    let pool = broker.database.pool().await?;
+    sqlx::query("ANALYZE workbroker.jobs").execute(&pool).await?;
+    pool.close().await;
+
+    // One stream with room for ten: whatever it is sent beyond the heads
+    // would be a job leased out of order.
+    let (mut worker, first) =
+        fresh_stream_gets(&mut client, "deep", &[nth(0, 0), nth(0, 1), nth(0, 2), &ids[ids.len() - 1]]).await?;
+    // Key "b" keeps its head leased: only the second jobs of "a" and "c" come.
+    let acks = [nth(0, 0), nth(0, 2), &ids[ids.len() - 1]]
+        .into_iter()
+        .map(|id| lease_of(&first, id).map(ack_of))
+        .collect::<Result<Vec<_>>>()?;
+    ack_all(&mut client, acks).await?;
+    let second = stream_gets(&mut worker, &[nth(1, 0), nth(1, 2)]).await?;
+    ack_all(&mut client, vec![ack_of(lease_of(&first, nth(0, 1))?)]).await?;
+    stream_gets(&mut worker, &[nth(1, 1)]).await?;
+    ack_all(&mut client, second.iter().map(ack_of).collect()).await?;
+    stream_gets(&mut worker, &[nth(2, 0), nth(2, 2)]).await?;
+    worker.close();
     broker.finish().await
 }
 
