@@ -186,6 +186,42 @@ async fn a_dead_job_releases_its_key() -> Result<()> {
     broker.finish().await
 }
 
+/// A redriven keyed job takes a new sequence, so it waits behind the job of
+/// its key that is unfinished now, marked blocked, and comes once that job
+/// is acked.
+#[tokio::test]
+async fn a_redriven_keyed_job_waits_behind_its_key() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let ids =
+        enqueue(&mut client, vec![keyed_job("revived", "index", "a"), keyed_job("revived", "index", "a")]).await?;
+    let (mut worker, first) = fresh_stream_gets(&mut client, "revived", &[&ids[0]]).await?;
+    let mut nack = nack_of(&first[0], "cannot parse");
+    nack.permanent = true;
+    nack_all(&mut client, vec![nack]).await?;
+    let second = stream_gets(&mut worker, &[&ids[1]]).await?;
+
+    let mut admin = broker.admin().await;
+    let redriven = admin
+        .redrive_dead_letters(v1::RedriveDeadLettersRequest { queue: "revived".into(), ..Default::default() })
+        .await?
+        .into_inner();
+    assert_eq!(redriven.job_ids, [ids[0].clone()]);
+    worker.expect_quiet(QUIET).await?;
+    let pool = broker.database.pool().await?;
+    let blocked: bool = sqlx::query_scalar("SELECT blocked FROM workbroker.jobs WHERE id = $1")
+        .bind(ids[0].parse::<i64>()?)
+        .fetch_one(&pool)
+        .await?;
+    pool.close().await;
+    assert!(blocked, "the revived job waits behind the leased one");
+
+    ack_all(&mut client, vec![ack_of(&second[0])]).await?;
+    stream_gets(&mut worker, &[&ids[0]]).await?;
+    worker.close();
+    broker.finish().await
+}
+
 #[tokio::test]
 async fn cancelling_the_head_of_a_key_releases_it() -> Result<()> {
     let broker = TestBroker::start().await?;
@@ -370,6 +406,82 @@ async fn a_keyed_enqueue_waits_for_a_keyed_enqueue_in_flight() -> Result<()> {
     worker.expect_quiet(QUIET).await?;
     ack_all(&mut client, vec![ack_of(&head)]).await?;
     expect_next(&mut worker, &second[0]).await?;
+    pool.close().await;
+    broker.finish().await
+}
+
+/// The head of key "k" is leased, and a transaction deletes it (as an ack
+/// would) without committing; a keyed enqueue of "k" meanwhile still sees
+/// the head and marks its job blocked. The enqueue then waits for the key's
+/// lock, and once the delete commits it unblocks its own job: leasable.
+#[tokio::test]
+async fn a_keyed_enqueue_racing_the_finish_of_its_key_unblocks_its_job_after_the_finish() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let head = enqueue(&mut client, vec![keyed_job("race", "k", "k")]).await?.remove(0);
+    let (mut worker, _) = fresh_stream_gets(&mut client, "race", &[head.as_str()]).await?;
+
+    let pool = broker.database.pool().await?;
+    let mut finishing = pool.begin().await?;
+    sqlx::query("DELETE FROM workbroker.jobs WHERE id = $1")
+        .bind(head.parse::<i64>()?)
+        .execute(&mut *finishing)
+        .await?;
+    let mut enqueue_client = client.clone();
+    let enqueued = tokio::spawn(async move { enqueue(&mut enqueue_client, vec![keyed_job("race", "k", "k")]).await });
+    tokio::time::sleep(QUIET).await;
+    assert!(!enqueued.is_finished(), "the enqueue must wait for the key's lock held by the finish");
+    finishing.commit().await?;
+    let next = enqueued.await??.remove(0);
+
+    let blocked: bool = sqlx::query_scalar("SELECT blocked FROM workbroker.jobs WHERE id = $1")
+        .bind(next.parse::<i64>()?)
+        .fetch_one(&pool)
+        .await?;
+    assert!(!blocked, "the job is its key's head once the finish committed");
+    stream_gets(&mut worker, &[next.as_str()]).await?;
+    worker.close();
+    pool.close().await;
+    broker.finish().await
+}
+
+/// The reverse order: a keyed enqueue of "k" is in flight (its job blocked
+/// behind the leased head; the key's lock, and a row lock on the head, held)
+/// when the head is acked. The ack waits for the enqueue's commit, then sees
+/// the new job and unblocks it.
+#[tokio::test]
+async fn the_finish_of_a_key_racing_a_keyed_enqueue_unblocks_the_new_job_after_the_enqueue() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let head = enqueue(&mut client, vec![keyed_job("race", "k", "k")]).await?.remove(0);
+    let (mut worker, leases) = fresh_stream_gets(&mut client, "race", &[head.as_str()]).await?;
+
+    let pool = broker.database.pool().await?;
+    let mut enqueuing = pool.begin().await?;
+    let next_id: i64 = sqlx::query_scalar(
+        "SELECT id FROM workbroker.enqueue_jobs(ARRAY['race'], ARRAY['k'], NULL, NULL, NULL, NULL, ARRAY['k'], \
+                NULL, NULL, NULL, NULL, NULL, NULL, '')",
+    )
+    .fetch_one(&mut *enqueuing)
+    .await?;
+    let blocked: bool = sqlx::query_scalar("SELECT blocked FROM workbroker.jobs WHERE id = $1")
+        .bind(next_id)
+        .fetch_one(&mut *enqueuing)
+        .await?;
+    assert!(blocked, "the new job waits behind the leased head");
+    let mut ack_client = client.clone();
+    let ack = ack_of(lease_of(&leases, &head)?);
+    let acked = tokio::spawn(async move { ack_all(&mut ack_client, vec![ack]).await });
+    tokio::time::sleep(QUIET).await;
+    assert!(!acked.is_finished(), "the ack must wait for the enqueue in flight");
+    enqueuing.commit().await?;
+    acked.await??;
+
+    let blocked: bool =
+        sqlx::query_scalar("SELECT blocked FROM workbroker.jobs WHERE id = $1").bind(next_id).fetch_one(&pool).await?;
+    assert!(!blocked, "the ack unblocked the job enqueued while it ran");
+    stream_gets(&mut worker, &[next_id.to_string().as_str()]).await?;
+    worker.close();
     pool.close().await;
     broker.finish().await
 }

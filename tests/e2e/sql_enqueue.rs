@@ -47,6 +47,52 @@ async fn a_committed_job_reaches_a_waiting_worker_and_a_rolled_back_one_never_do
     broker.finish().await
 }
 
+/// The `blocked` flags of the jobs still in the hot table, in the order given.
+async fn blocked_flags(connection: &mut PgConnection, ids: &[i64]) -> Result<Vec<bool>> {
+    Ok(sqlx::query_scalar(
+        "SELECT j.blocked FROM unnest($1::bigint[]) WITH ORDINALITY AS i(id, place) \
+           JOIN workbroker.jobs j ON j.id = i.id ORDER BY i.place",
+    )
+    .bind(ids)
+    .fetch_all(connection)
+    .await?)
+}
+
+/// Keyed jobs enqueued through SQL are marked blocked at commit, like the
+/// broker's own: behind an earlier job of the transaction or an unfinished
+/// job of the key; acking the head unblocks the next, which is then leased.
+#[tokio::test]
+async fn sql_enqueued_keyed_jobs_are_blocked_behind_their_key_until_its_head_finishes() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let mut connection = connect(&broker).await?;
+    let mut ids = Vec::new();
+    for batch in [&["serde", "serde", "tokio"][..], &["serde"][..]] {
+        let mut transaction = connection.begin().await?;
+        for key in batch {
+            let id: String = sqlx::query_scalar("SELECT workbroker.enqueue_v1('keyed', 'index', ordering_key => $1)")
+                .bind(key)
+                .fetch_one(&mut *transaction)
+                .await?;
+            ids.push(id.parse::<i64>()?);
+        }
+        transaction.commit().await?;
+    }
+    assert_eq!(blocked_flags(&mut connection, &ids).await?, [false, true, false, true]);
+
+    let mut worker = Worker::on(&mut client, &["keyed"], 10).await?;
+    let heads = worker.take_jobs(2, Duration::from_secs(3)).await?;
+    worker.expect_quiet(Duration::from_millis(300)).await?;
+    let serde_head =
+        heads.iter().find(|job| id_of(job) == ids[0].to_string()).context("the first serde job was not leased")?;
+    ack_all(&mut client, vec![ack_of(serde_head)]).await?;
+    let next = worker.take_jobs(1, Duration::from_secs(3)).await?;
+    assert_eq!(id_of(&next[0]), ids[1].to_string());
+    // The acked job left the table; the last serde job waits behind the next.
+    assert_eq!(blocked_flags(&mut connection, &ids).await?, [false, false, true]);
+    broker.finish().await
+}
+
 #[tokio::test]
 async fn commit_to_delivery_latency_of_sql_enqueued_jobs() -> Result<()> {
     let broker = TestBroker::start().await?;

@@ -366,6 +366,11 @@ impl Store {
     /// highest priority first, then by run_at. A job with an ordering key is
     /// eligible only when no earlier unfinished job of its queue has that key.
     /// Paused queues are skipped. Each lease gets a fresh token.
+    ///
+    /// Jobs marked `blocked` (known not to be their key's head, migration
+    /// 0009) are not in the waiting index and never read; every other keyed
+    /// candidate is still checked, since an unblocked keyed job is only
+    /// probably its key's head.
     pub async fn jobs_lease(&self, params: &LeaseParams<'_>) -> Result<Vec<JobRecord>> {
         let rows = sqlx::query_as::<_, JobRecord>(concat!(
             "WITH open_queues AS ( \
@@ -376,7 +381,7 @@ impl Store {
                    FROM open_queues q \
                    CROSS JOIN LATERAL ( \
                        SELECT j.id, j.priority, j.run_at FROM workbroker.jobs j \
-                        WHERE j.queue = q.name AND j.state = 2 AND j.run_at <= now() \
+                        WHERE j.queue = q.name AND j.state = 2 AND NOT j.blocked AND j.run_at <= now() \
                           AND (cardinality($2::text[]) = 0 OR j.kind = ANY($2::text[])) \
                           AND ($6::integer[] IS NULL OR j.shard = ANY($6::integer[])) \
                           AND (j.ordering_key IS NULL OR NOT EXISTS ( \
@@ -421,24 +426,28 @@ impl Store {
     /// skip scan written as a recursive query), and for each one the first
     /// run_at after now is one index probe. Cost: a few probes per priority
     /// in use, however many jobs wait (a plain min(run_at) read them all).
+    /// Blocked jobs do not count: the finish of their key's head wakes the
+    /// queue.
     pub async fn jobs_next_due(&self, queues: &[String], kinds: &[String]) -> Result<Option<Duration>> {
         let micros_until: Option<i64> = sqlx::query_scalar(
             "WITH RECURSIVE priorities AS ( \
                  SELECT q.name AS queue, \
-                        (SELECT j.priority FROM workbroker.jobs j WHERE j.queue = q.name AND j.state = 2 \
+                        (SELECT j.priority FROM workbroker.jobs j \
+                          WHERE j.queue = q.name AND j.state = 2 AND NOT j.blocked \
                           ORDER BY j.priority DESC LIMIT 1) AS priority \
                    FROM unnest($1::text[]) AS q(name) \
                  UNION ALL \
                  SELECT p.queue, \
                         (SELECT j.priority FROM workbroker.jobs j \
-                          WHERE j.queue = p.queue AND j.state = 2 AND j.priority < p.priority \
+                          WHERE j.queue = p.queue AND j.state = 2 AND NOT j.blocked AND j.priority < p.priority \
                           ORDER BY j.priority DESC LIMIT 1) \
                    FROM priorities p WHERE p.priority IS NOT NULL) \
              SELECT (extract(epoch FROM min(due.run_at) - now()) * 1e6)::bigint \
                FROM priorities p \
                CROSS JOIN LATERAL ( \
                    SELECT j.run_at FROM workbroker.jobs j \
-                    WHERE j.queue = p.queue AND j.state = 2 AND j.priority = p.priority AND j.run_at > now() \
+                    WHERE j.queue = p.queue AND j.state = 2 AND NOT j.blocked AND j.priority = p.priority \
+                      AND j.run_at > now() \
                       AND (cardinality($2::text[]) = 0 OR j.kind = ANY($2::text[])) \
                     ORDER BY j.run_at LIMIT 1) due \
               WHERE p.priority IS NOT NULL",
@@ -719,7 +728,9 @@ impl Store {
     /// Moves DEAD jobs of a queue back to the queue, available now, with a new
     /// sequence (so the completed watermark never goes backwards) and a fresh
     /// attempt count. `job_ids` empty: every dead job (up to `limit`). A dead
-    /// job whose dedup key is now held by an unfinished job is left dead.
+    /// job whose dedup key is now held by an unfinished job is left dead. A
+    /// revived job with an ordering key is marked blocked behind unfinished
+    /// jobs of its key, as at enqueue.
     pub async fn jobs_redrive(
         &self,
         queue: &str,
@@ -735,7 +746,7 @@ impl Store {
             .bind(queue)
             .execute(&mut *transaction)
             .await?;
-        let ids: Vec<i64> = sqlx::query_scalar(
+        let revived: Vec<(i64, Option<String>)> = sqlx::query_as(
             "WITH picked AS ( \
                  SELECT f.id, f.sequence FROM workbroker.finished_jobs f \
                   WHERE f.queue = $1 AND f.state = 5 \
@@ -754,14 +765,18 @@ impl Store {
              revived AS ( \
                  INSERT INTO workbroker.jobs (id, queue, kind, state, priority, sequence, run_at, created_at, \
                      attempt, max_attempts, ordering_key, dedup_key, shard, lease_duration, last_error, \
-                     payload, attributes) \
+                     payload, attributes, blocked) \
                  SELECT n.id, n.queue, n.kind, 2, n.priority, n.new_sequence, now(), n.created_at, 0, \
                         coalesce($3::integer, n.max_attempts), n.ordering_key, n.dedup_key, n.shard, \
-                        n.lease_duration, n.last_error, n.payload, n.attributes \
+                        n.lease_duration, n.last_error, n.payload, n.attributes, \
+                        n.ordering_key IS NOT NULL \
+                            AND (row_number() OVER (PARTITION BY n.ordering_key ORDER BY n.new_sequence) > 1 \
+                                 OR EXISTS (SELECT 1 FROM workbroker.jobs e \
+                                             WHERE e.queue = n.queue AND e.ordering_key = n.ordering_key)) \
                    FROM numbered n \
-                 RETURNING id), \
+                 RETURNING id, ordering_key), \
              notified AS (SELECT pg_notify('workbroker_jobs', $1) WHERE EXISTS (SELECT 1 FROM revived)) \
-             SELECT id FROM revived WHERE (SELECT count(*) FROM notified) >= 0 ORDER BY id",
+             SELECT id, ordering_key FROM revived WHERE (SELECT count(*) FROM notified) >= 0 ORDER BY id",
         )
         .bind(queue)
         .bind(job_ids)
@@ -769,8 +784,20 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&mut *transaction)
         .await?;
+        let keys: Vec<&str> = revived.iter().filter_map(|(_, key)| key.as_deref()).collect();
+        if !keys.is_empty() {
+            // A revived job marked blocked may have seen a head that a
+            // concurrent finish was deleting (see migration 0009).
+            sqlx::query(
+                "SELECT workbroker.unblock_key_heads(array_fill($1::text, ARRAY[cardinality($2::text[])]), $2)",
+            )
+            .bind(queue)
+            .bind(&keys)
+            .execute(&mut *transaction)
+            .await?;
+        }
         transaction.commit().await?;
-        Ok(ids)
+        Ok(revived.into_iter().map(|(id, _)| id).collect())
     }
 
     /// Sends a notification (outside any transaction).
