@@ -15,26 +15,30 @@
 --   so every path) clears `blocked` on the next job of each key.
 -- * `blocked` is a promise one way only: a blocked job is never its key's
 --   head, while an unblocked keyed job may or may not be. The lease still
---   checks every keyed candidate as before, so a job left unblocked (rows
---   from before this migration that the backfill below missed, a job whose
---   head was being leased when its key was cleared) costs a probe, never
---   order.
+--   checks every keyed candidate as before, so a job left unblocked
+--   (redriven jobs, SQL-API jobs of REPEATABLE READ transactions, rows the
+--   backfill below did not see) costs a probe, never order.
 -- * SQL-API enqueues mark their keyed jobs at commit, when they take their
---   sequences; a redrive marks the jobs it revives (`Store::jobs_redrive`).
+--   sequences (in READ COMMITTED transactions).
 --
 -- An enqueue and the finish of the same key's last job can run at once,
 -- each seeing the other's row as it was before: the enqueue marks its job
 -- blocked because the old head is still there, the finish finds no next job
 -- to unblock. Both sides therefore end with `unblock_key_heads`, which takes
 -- a per-key lock and only then (in a statement of its own, so with a fresh
--- snapshot) clears `blocked` on each key's first job: whichever of the two
--- runs it second sees the other's commit. The locks are taken in one order
--- (sorted), after the caller's own inserts and deletes, and the clearing
--- skips rows locked by others instead of waiting for them, so no cycle of
--- waits can form. A skipped first job is one a concurrent statement is
--- deleting (that statement clears its successor itself) or leasing (then it
--- is no blocked job); the next job is considered instead, and clearing a
--- job that turns out not to be the head is harmless.
+-- snapshot) clears `blocked` on each key's first job if it is blocked:
+-- whichever of the two runs it second sees the other's commit. A first job
+-- that another transaction is deleting still reads as the head, so nothing
+-- is cleared for it; that transaction's own trigger clears its successor
+-- once the lock is free.
+--
+-- Waits: the key locks are taken sorted, after the caller's own inserts and
+-- deletes. The clearing updates only a blocked first job, and a blocked job
+-- is never leased or settled; the one statement that deletes blocked jobs,
+-- cancel, takes its job's key lock before it deletes (`Store::job_cancel`),
+-- so no holder of a key lock ever waits for a row held by a waiter for that
+-- lock. (A hand-written DELETE of a blocked job can still deadlock with a
+-- concurrent finish of its key; PostgreSQL then aborts one of the two.)
 
 ALTER TABLE workbroker.jobs ADD COLUMN blocked boolean NOT NULL DEFAULT false;
 
@@ -47,12 +51,12 @@ UPDATE workbroker.jobs j SET blocked = true
 DROP INDEX workbroker.jobs_waiting_idx;
 CREATE INDEX jobs_waiting_idx ON workbroker.jobs (queue, priority DESC, run_at, id) WHERE state = 2 AND NOT blocked;
 
--- Clears `blocked` on the first unfinished job of each (queue, key) pair
--- given (pairs with a NULL key are ignored), under the keys' locks. Locks
--- are two-key advisory locks of class 1466385155 (the enqueue barrier's
--- class plus one) on a hash of queue and key; a collision only makes two
--- keys share a lock.
-CREATE FUNCTION workbroker.unblock_key_heads(queues text[], keys text[]) RETURNS void
+-- Takes the key locks of (queue, key) pairs (pairs with a NULL key are
+-- ignored) until the end of the transaction, in increasing order. A key lock
+-- is a two-key advisory lock of class 1466385155 (the enqueue barrier's class
+-- plus one) on a hash of queue and key; a collision only makes two keys
+-- share a lock.
+CREATE FUNCTION workbroker.take_key_locks(queues text[], keys text[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM pg_advisory_xact_lock(1466385155, l.lock)
@@ -60,6 +64,14 @@ BEGIN
                FROM unnest(queues, keys) AS u(queue, key)
               WHERE u.key IS NOT NULL
               ORDER BY 1) l;
+END $$;
+
+-- Clears `blocked` on the first unfinished job of each (queue, key) pair
+-- given (pairs with a NULL key are ignored), under the keys' locks.
+CREATE FUNCTION workbroker.unblock_key_heads(queues text[], keys text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM workbroker.take_key_locks(queues, keys);
     UPDATE workbroker.jobs j
        SET blocked = false
       FROM (SELECT DISTINCT u.queue, u.key FROM unnest(queues, keys) AS u(queue, key) WHERE u.key IS NOT NULL) k
@@ -67,8 +79,7 @@ BEGIN
           SELECT h.id, h.blocked FROM workbroker.jobs h
            WHERE h.queue = k.queue AND h.ordering_key = k.key
            ORDER BY h.sequence
-           LIMIT 1
-           FOR NO KEY UPDATE SKIP LOCKED) head
+           LIMIT 1) head
      WHERE j.id = head.id AND head.blocked;
 END $$;
 
@@ -243,12 +254,16 @@ BEGIN
 END $$;
 
 -- SQL-API enqueues: as in version 4, and keyed jobs are marked like those of
--- `enqueue_jobs` once they have their sequences.
+-- `enqueue_jobs` once they have their sequences; only in READ COMMITTED
+-- transactions: the unblocking relies on a snapshot taken after the key
+-- locks, which a REPEATABLE READ or SERIALIZABLE transaction does not take
+-- (its jobs stay unblocked, which costs the lease a probe each).
 CREATE OR REPLACE FUNCTION workbroker.assign_sequences_at_commit() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
     queues text[];
     keys text[];
+    marking boolean := current_setting('transaction_isolation') = 'read committed';
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM workbroker.jobs WHERE sequence IS NULL) THEN
         RETURN NULL;
@@ -259,7 +274,7 @@ BEGIN
         ARRAY(SELECT DISTINCT j.queue FROM workbroker.jobs j WHERE j.sequence IS NULL), keys IS NOT NULL);
     UPDATE workbroker.jobs j
        SET sequence = numbered.sequence,
-           blocked = j.ordering_key IS NOT NULL AND j.state = 2
+           blocked = marking AND j.ordering_key IS NOT NULL AND j.state = 2
                AND (numbered.repeated OR EXISTS (
                     SELECT 1 FROM workbroker.jobs e
                      WHERE e.queue = j.queue AND e.ordering_key = j.ordering_key AND e.sequence IS NOT NULL))
@@ -270,11 +285,12 @@ BEGIN
                      WHERE j.sequence IS NULL
                      ORDER BY j.id) p) numbered
      WHERE j.id = numbered.id;
-    IF keys IS NOT NULL THEN
+    IF marking AND keys IS NOT NULL THEN
         PERFORM workbroker.unblock_key_heads(queues, keys);
     END IF;
     RETURN NULL;
 END $$;
 
+REVOKE ALL ON FUNCTION workbroker.take_key_locks(text[], text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION workbroker.unblock_key_heads(text[], text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION workbroker.unblock_after_delete() FROM PUBLIC;

@@ -187,8 +187,8 @@ async fn a_dead_job_releases_its_key() -> Result<()> {
 }
 
 /// A redriven keyed job takes a new sequence, so it waits behind the job of
-/// its key that is unfinished now, marked blocked, and comes once that job
-/// is acked.
+/// its key that is unfinished now (not marked blocked: the lease's check
+/// holds it back) and comes once that job is acked.
 #[tokio::test]
 async fn a_redriven_keyed_job_waits_behind_its_key() -> Result<()> {
     let broker = TestBroker::start().await?;
@@ -208,14 +208,6 @@ async fn a_redriven_keyed_job_waits_behind_its_key() -> Result<()> {
         .into_inner();
     assert_eq!(redriven.job_ids, [ids[0].clone()]);
     worker.expect_quiet(QUIET).await?;
-    let pool = broker.database.pool().await?;
-    let blocked: bool = sqlx::query_scalar("SELECT blocked FROM workbroker.jobs WHERE id = $1")
-        .bind(ids[0].parse::<i64>()?)
-        .fetch_one(&pool)
-        .await?;
-    pool.close().await;
-    assert!(blocked, "the revived job waits behind the leased one");
-
     ack_all(&mut client, vec![ack_of(&second[0])]).await?;
     stream_gets(&mut worker, &[&ids[0]]).await?;
     worker.close();
@@ -446,9 +438,9 @@ async fn a_keyed_enqueue_racing_the_finish_of_its_key_unblocks_its_job_after_the
 }
 
 /// The reverse order: a keyed enqueue of "k" is in flight (its job blocked
-/// behind the leased head; the key's lock, and a row lock on the head, held)
-/// when the head is acked. The ack waits for the enqueue's commit, then sees
-/// the new job and unblocks it.
+/// behind the leased head, the key's lock held) when the head is acked. The
+/// ack waits for the enqueue's commit, then sees the new job and unblocks
+/// it.
 #[tokio::test]
 async fn the_finish_of_a_key_racing_a_keyed_enqueue_unblocks_the_new_job_after_the_enqueue() -> Result<()> {
     let broker = TestBroker::start().await?;
@@ -540,5 +532,37 @@ async fn keyed_enqueues_and_acks_at_once_complete_every_key_in_order() -> Result
     worker.close();
     let mut admin = broker.admin().await;
     assert_eq!(stats_of(&mut admin, "churn").await?.completed, u64::try_from(total)?);
+    broker.finish().await
+}
+
+/// Cancelling a blocked job takes its key's lock before its row. A finish of
+/// the key's head clears the next job's flag while holding that lock; if the
+/// cancel held the row first and then waited for the lock, each would wait
+/// for the other.
+#[tokio::test]
+async fn cancelling_a_blocked_job_waits_for_its_key_lock_before_taking_the_row() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    let ids = enqueue(&mut client, vec![keyed_job("lockorder", "k", "a"), keyed_job("lockorder", "k", "a")]).await?;
+    let blocked_id = ids[1].parse::<i64>()?;
+    let pool = broker.database.pool().await?;
+    // A finish of "a" in the middle of its unblocking: key lock held.
+    let mut finishing = pool.begin().await?;
+    sqlx::query("SELECT workbroker.take_key_locks(ARRAY['lockorder'], ARRAY['a'])").execute(&mut *finishing).await?;
+
+    let mut cancel_client = client.clone();
+    let blocked_job = ids[1].clone();
+    let cancelled = tokio::spawn(async move { cancel(&mut cancel_client, &blocked_job).await });
+    tokio::time::sleep(QUIET).await;
+    assert!(!cancelled.is_finished(), "the cancel waits for the key lock");
+    // The finish can still update the blocked job's row: the cancel has not taken it.
+    let update = sqlx::query("UPDATE workbroker.jobs SET blocked = false WHERE id = $1").bind(blocked_id);
+    tokio::time::timeout(WAIT, update.execute(&mut *finishing))
+        .await
+        .map_err(|_| anyhow::anyhow!("the cancel took the row before the key lock"))??;
+    finishing.commit().await?;
+    let job = cancelled.await??;
+    assert_eq!(job.state, v1::JobState::Cancelled as i32);
+    pool.close().await;
     broker.finish().await
 }

@@ -683,7 +683,19 @@ impl Store {
 
     /// Cancels a job that is not terminal. A leased job's token is returned so
     /// the stream holding it can be told.
+    ///
+    /// The job's key lock (migration 0009) is taken before the row: a blocked
+    /// job may be the next one a concurrent finish of its key clears, and
+    /// that finish holds the lock while it updates the row.
     pub async fn job_cancel(&self, job_id: i64) -> Result<CancelResult> {
+        let mut transaction = self.pool.begin().await?;
+        sqlx::query(
+            "SELECT workbroker.take_key_locks(ARRAY[queue], ARRAY[ordering_key]) \
+               FROM workbroker.jobs WHERE id = $1 AND ordering_key IS NOT NULL",
+        )
+        .bind(job_id)
+        .execute(&mut *transaction)
+        .await?;
         let cancelled = sqlx::query_as::<_, JobRecord>(concat!(
             "WITH gone AS (DELETE FROM workbroker.jobs j WHERE j.id = $1 RETURNING j.*), \
              moved AS (",
@@ -695,8 +707,9 @@ impl Store {
             " FROM moved j WHERE (SELECT count(*) FROM notified) >= 0"
         ))
         .bind(job_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *transaction)
         .await?;
+        transaction.commit().await?;
         if let Some(job) = cancelled {
             let held_lease = job.lease_token;
             return Ok(CancelResult::Cancelled { job, held_lease });
@@ -728,9 +741,11 @@ impl Store {
     /// Moves DEAD jobs of a queue back to the queue, available now, with a new
     /// sequence (so the completed watermark never goes backwards) and a fresh
     /// attempt count. `job_ids` empty: every dead job (up to `limit`). A dead
-    /// job whose dedup key is now held by an unfinished job is left dead. A
-    /// revived job with an ordering key is marked blocked behind unfinished
-    /// jobs of its key, as at enqueue.
+    /// job whose dedup key is now held by an unfinished job is left dead.
+    /// A revived keyed job is not marked blocked (migration 0009): marking
+    /// it would take its key's lock after this transaction's move out of
+    /// `finished_jobs`, an order other statements do not share; unblocked,
+    /// it costs the lease a probe while it waits behind its key.
     pub async fn jobs_redrive(
         &self,
         queue: &str,
@@ -746,7 +761,7 @@ impl Store {
             .bind(queue)
             .execute(&mut *transaction)
             .await?;
-        let revived: Vec<(i64, Option<String>)> = sqlx::query_as(
+        let ids: Vec<i64> = sqlx::query_scalar(
             "WITH picked AS ( \
                  SELECT f.id, f.sequence FROM workbroker.finished_jobs f \
                   WHERE f.queue = $1 AND f.state = 5 \
@@ -765,18 +780,14 @@ impl Store {
              revived AS ( \
                  INSERT INTO workbroker.jobs (id, queue, kind, state, priority, sequence, run_at, created_at, \
                      attempt, max_attempts, ordering_key, dedup_key, shard, lease_duration, last_error, \
-                     payload, attributes, blocked) \
+                     payload, attributes) \
                  SELECT n.id, n.queue, n.kind, 2, n.priority, n.new_sequence, now(), n.created_at, 0, \
                         coalesce($3::integer, n.max_attempts), n.ordering_key, n.dedup_key, n.shard, \
-                        n.lease_duration, n.last_error, n.payload, n.attributes, \
-                        n.ordering_key IS NOT NULL \
-                            AND (row_number() OVER (PARTITION BY n.ordering_key ORDER BY n.new_sequence) > 1 \
-                                 OR EXISTS (SELECT 1 FROM workbroker.jobs e \
-                                             WHERE e.queue = n.queue AND e.ordering_key = n.ordering_key)) \
+                        n.lease_duration, n.last_error, n.payload, n.attributes \
                    FROM numbered n \
-                 RETURNING id, ordering_key), \
+                 RETURNING id), \
              notified AS (SELECT pg_notify('workbroker_jobs', $1) WHERE EXISTS (SELECT 1 FROM revived)) \
-             SELECT id, ordering_key FROM revived WHERE (SELECT count(*) FROM notified) >= 0 ORDER BY id",
+             SELECT id FROM revived WHERE (SELECT count(*) FROM notified) >= 0 ORDER BY id",
         )
         .bind(queue)
         .bind(job_ids)
@@ -784,20 +795,8 @@ impl Store {
         .bind(i64::from(limit))
         .fetch_all(&mut *transaction)
         .await?;
-        let keys: Vec<&str> = revived.iter().filter_map(|(_, key)| key.as_deref()).collect();
-        if !keys.is_empty() {
-            // A revived job marked blocked may have seen a head that a
-            // concurrent finish was deleting (see migration 0009).
-            sqlx::query(
-                "SELECT workbroker.unblock_key_heads(array_fill($1::text, ARRAY[cardinality($2::text[])]), $2)",
-            )
-            .bind(queue)
-            .bind(&keys)
-            .execute(&mut *transaction)
-            .await?;
-        }
         transaction.commit().await?;
-        Ok(revived.into_iter().map(|(id, _)| id).collect())
+        Ok(ids)
     }
 
     /// Sends a notification (outside any transaction).
