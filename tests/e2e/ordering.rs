@@ -116,6 +116,11 @@ async fn only_key_heads_are_leased_from_a_deep_analyzed_backlog() -> Result<()> 
     // at `round * 3 + key index`.
     let nth = |round: usize, key: usize| ids[round * keys.len() + key].as_str();
     let pool = broker.database.pool().await?;
+    // Every job but the first of each key waits marked blocked, out of the
+    // lease's index.
+    let blocked: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM workbroker.jobs WHERE blocked").fetch_one(&pool).await?;
+    assert_eq!(blocked, i64::try_from(keys.len() * (PER_KEY - 1))?);
     sqlx::query("ANALYZE workbroker.jobs").execute(&pool).await?;
     pool.close().await;
 
