@@ -407,8 +407,8 @@ async fn a_keyed_enqueue_waits_for_a_keyed_enqueue_in_flight() -> Result<()> {
     broker.finish().await
 }
 
-/// The head of key "k" is leased, and a transaction deletes it (as an ack
-/// would) without committing; a keyed enqueue of "k" meanwhile still sees
+/// The head of key "k" is leased, and a transaction deletes it and clears
+/// its key (as an ack's statement does) without committing; a keyed enqueue of "k" meanwhile still sees
 /// the head and marks its job blocked. The enqueue then waits for the key's
 /// lock, and once the delete commits it unblocks its own job: leasable.
 #[tokio::test]
@@ -420,10 +420,12 @@ async fn a_keyed_enqueue_racing_the_finish_of_its_key_unblocks_its_job_after_the
 
     let pool = broker.database.pool().await?;
     let mut finishing = pool.begin().await?;
+    // What an ack's statement does: move the job out, then clear its key.
     sqlx::query("DELETE FROM workbroker.jobs WHERE id = $1")
         .bind(head.parse::<i64>()?)
         .execute(&mut *finishing)
         .await?;
+    sqlx::query("SELECT workbroker.unblock_key_heads(ARRAY['race'], ARRAY['k'])").execute(&mut *finishing).await?;
     let mut enqueue_client = client.clone();
     let enqueued = tokio::spawn(async move { enqueue(&mut enqueue_client, vec![keyed_job("race", "k", "k")]).await });
     tokio::time::sleep(QUIET).await;

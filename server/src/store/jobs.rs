@@ -101,7 +101,9 @@ macro_rules! return_leases {
                  RETURNING j.*), \
              dead AS (",
             insert_finished!("killed", "5", "$2", "NULL"),
-            " RETURNING id, queue, attributes ->> 'traceparent' AS traceparent), \
+            " RETURNING id, queue, ordering_key, attributes ->> 'traceparent' AS traceparent), ",
+            clear_key_heads!("dead"),
+            ", \
              notified AS ( \
                  SELECT pg_notify('workbroker_jobs', queue) FROM ( \
                      SELECT queue FROM requeued \
@@ -109,8 +111,24 @@ macro_rules! return_leases {
              SELECT r.id, r.queue, r.traceparent, r.dead \
                FROM (SELECT id, queue, traceparent, false AS dead FROM requeued \
                      UNION ALL SELECT id, queue, traceparent, true AS dead FROM dead) r \
-              WHERE (SELECT count(*) FROM notified) >= 0 \
+              WHERE (SELECT count(*) FROM notified) >= 0 AND (SELECT count(*) FROM cleared) >= 0 \
               ORDER BY r.id"
+        )
+    };
+}
+
+/// A CTE `cleared` that clears `blocked` on the next job of every ordering
+/// key among the jobs `$source` moved out of `workbroker.jobs` (migration
+/// 0010); `$source` must return `queue` and `ordering_key`. It aggregates
+/// all of `$source`, so it runs once every row is deleted, and only when a
+/// moved job had a key. The statement must read `cleared`.
+macro_rules! clear_key_heads {
+    ($source:literal) => {
+        concat!(
+            "cleared AS (SELECT workbroker.unblock_key_heads(array_agg(c.queue), array_agg(c.ordering_key)) \
+               FROM ",
+            $source,
+            " c WHERE c.ordering_key IS NOT NULL HAVING count(*) > 0)"
         )
     };
 }
@@ -476,7 +494,10 @@ impl Store {
                  RETURNING j.*, i.result AS ack_result), \
              moved AS (",
             insert_finished!("done", "4", "last_error", "nullif(ack_result, ''::bytea)"),
-            " RETURNING id, lease_token, CASE WHEN ordering_key IS NOT NULL THEN queue END AS unblocked) \
+            " RETURNING id, lease_token, queue, ordering_key, \
+                       CASE WHEN ordering_key IS NOT NULL THEN queue END AS unblocked), ",
+            clear_key_heads!("moved"),
+            " \
              SELECT CASE \
                  WHEN m.id IS NOT NULL THEN 1 \
                  WHEN EXISTS (SELECT 1 FROM workbroker.finished_jobs f \
@@ -487,6 +508,7 @@ impl Store {
                     m.unblocked \
                FROM input i \
                LEFT JOIN moved m ON m.id = i.id AND m.lease_token = i.token \
+              WHERE (SELECT count(*) FROM cleared) >= 0 \
               ORDER BY i.position"
         ))
         .bind(&ids)
@@ -534,7 +556,10 @@ impl Store {
                  RETURNING j.*, t.error AS nack_error), \
              dead AS (",
             insert_finished!("killed", "5", "nack_error", "NULL"),
-            " RETURNING id, lease_token, CASE WHEN ordering_key IS NOT NULL THEN queue END AS unblocked) \
+            " RETURNING id, lease_token, queue, ordering_key, \
+                       CASE WHEN ordering_key IS NOT NULL THEN queue END AS unblocked), ",
+            clear_key_heads!("dead"),
+            " \
              SELECT CASE \
                       WHEN r.id IS NOT NULL OR d.id IS NOT NULL THEN 1 \
                       WHEN EXISTS (SELECT 1 FROM workbroker.jobs j WHERE j.id = i.id) \
@@ -546,6 +571,7 @@ impl Store {
                FROM input i \
                LEFT JOIN retried r ON r.id = i.id AND r.token = i.token \
                LEFT JOIN dead d ON d.id = i.id AND d.lease_token = i.token \
+              WHERE (SELECT count(*) FROM cleared) >= 0 \
               ORDER BY i.position"
         ))
         .bind(&ids)
@@ -700,11 +726,13 @@ impl Store {
             "WITH gone AS (DELETE FROM workbroker.jobs j WHERE j.id = $1 RETURNING j.*), \
              moved AS (",
             insert_finished!("gone", "6", "last_error", "NULL"),
-            " RETURNING *), \
+            " RETURNING *), ",
+            clear_key_heads!("moved"),
+            ", \
              notified AS (SELECT pg_notify('workbroker_jobs', queue) FROM gone WHERE ordering_key IS NOT NULL) \
              SELECT ",
             job_fields!(),
-            " FROM moved j WHERE (SELECT count(*) FROM notified) >= 0"
+            " FROM moved j WHERE (SELECT count(*) FROM notified) >= 0 AND (SELECT count(*) FROM cleared) >= 0"
         ))
         .bind(job_id)
         .fetch_optional(&mut *transaction)
