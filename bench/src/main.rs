@@ -206,10 +206,14 @@ async fn main() -> Result<()> {
         }
         // The i-th result of every repetition is the same measurement.
         let width = repetitions.iter().map(Vec::len).max().unwrap_or(0);
+        let first = results.len();
         for index in 0..width {
             let runs: Vec<report::ScenarioResult> =
                 repetitions.iter().filter_map(|results| results.get(index).cloned()).collect();
             results.extend(report::median(runs));
+        }
+        if scenario == Scenario::Backlog && args.repeat > 1 {
+            report::note_backlog_ratio_of_medians(&mut results[first..]);
         }
         report::apply_ceilings(&mut results, &ceilings);
         if let Some(path) = &args.json {

@@ -94,6 +94,18 @@ pub fn median(mut runs: Vec<ScenarioResult>) -> Option<ScenarioResult> {
     Some(median)
 }
 
+/// The backlog scenario's verdict over repeated runs: the median drain rate
+/// with the large backlog against the median with the small one (each run's
+/// own pair is in its notes). The large backlog's result comes second.
+pub fn note_backlog_ratio_of_medians(backlog: &mut [ScenarioResult]) {
+    if let [small, large, ..] = backlog {
+        let ratio = 100.0 * large.jobs_per_second / small.jobs_per_second.max(1e-9);
+        large.notes.push(format!(
+            "medians: the rate with the large backlog is {ratio:.1} % of the rate with the small one"
+        ));
+    }
+}
+
 /// Fills in ratios from a ceilings file (`{"name": jobs_per_second, ...}`).
 pub fn apply_ceilings(results: &mut [ScenarioResult], ceilings: &BTreeMap<String, f64>) {
     for result in results {

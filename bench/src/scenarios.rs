@@ -473,7 +473,7 @@ pub async fn backlog(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Vec<Scen
             .await?;
     stop_workers(stop, handles).await;
     large.notes.push(format!(
-        "{count} jobs drained from each; rate with {} queued is {:.1} % of the rate with {} queued",
+        "{count} jobs drained from each; in this run the rate with {} queued is {:.1} % of the rate with {} queued",
         sizes.backlog,
         100.0 * large.jobs_per_second / small.jobs_per_second.max(1e-9),
         sizes.small_backlog
