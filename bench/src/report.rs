@@ -100,9 +100,9 @@ pub fn median(mut runs: Vec<ScenarioResult>) -> Option<ScenarioResult> {
 pub fn note_backlog_ratio_of_medians(backlog: &mut [ScenarioResult]) {
     if let [small, large, ..] = backlog {
         let ratio = 100.0 * large.jobs_per_second / small.jobs_per_second.max(1e-9);
-        large.notes.push(format!(
-            "medians: the rate with the large backlog is {ratio:.1} % of the rate with the small one"
-        ));
+        large
+            .notes
+            .push(format!("medians: the rate with the large backlog is {ratio:.1} % of the rate with the small one"));
     }
 }
 
