@@ -494,8 +494,7 @@ impl Store {
                  RETURNING j.*, i.result AS ack_result), \
              moved AS (",
             insert_finished!("done", "4", "last_error", "nullif(ack_result, ''::bytea)"),
-            " RETURNING id, lease_token, queue, ordering_key, \
-                       CASE WHEN ordering_key IS NOT NULL THEN queue END AS unblocked), ",
+            " RETURNING id, lease_token, queue, ordering_key), ",
             clear_key_heads!("moved"),
             " \
              SELECT CASE \
@@ -505,7 +504,7 @@ impl Store {
                  WHEN EXISTS (SELECT 1 FROM workbroker.jobs j WHERE j.id = i.id) \
                    OR EXISTS (SELECT 1 FROM workbroker.finished_jobs f WHERE f.id = i.id) THEN 2 \
                  ELSE 3 END::smallint, \
-                    m.unblocked \
+                    CASE WHEN m.ordering_key IS NOT NULL THEN m.queue END AS unblocked \
                FROM input i \
                LEFT JOIN moved m ON m.id = i.id AND m.lease_token = i.token \
               WHERE (SELECT count(*) FROM cleared) >= 0 \
@@ -556,8 +555,7 @@ impl Store {
                  RETURNING j.*, t.error AS nack_error), \
              dead AS (",
             insert_finished!("killed", "5", "nack_error", "NULL"),
-            " RETURNING id, lease_token, queue, ordering_key, \
-                       CASE WHEN ordering_key IS NOT NULL THEN queue END AS unblocked), ",
+            " RETURNING id, lease_token, queue, ordering_key), ",
             clear_key_heads!("dead"),
             " \
              SELECT CASE \
@@ -567,7 +565,7 @@ impl Store {
                       ELSE 3 END::smallint AS outcome, \
                     CASE WHEN r.id IS NOT NULL THEN (CASE WHEN r.scheduled THEN 1 ELSE 2 END) \
                          WHEN d.id IS NOT NULL THEN 5 ELSE 0 END::smallint AS next_state, \
-                    coalesce(r.queue, d.unblocked) AS wake \
+                    coalesce(r.queue, CASE WHEN d.ordering_key IS NOT NULL THEN d.queue END) AS wake \
                FROM input i \
                LEFT JOIN retried r ON r.id = i.id AND r.token = i.token \
                LEFT JOIN dead d ON d.id = i.id AND d.lease_token = i.token \
