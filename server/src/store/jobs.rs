@@ -66,6 +66,25 @@ macro_rules! insert_finished {
     };
 }
 
+/// A CTE `counted` that adds the rows `$source` inserted into
+/// `finished_jobs` (it must return `queue`) to the per-queue counters of
+/// state `$state` (migration 0011): one upsert per queue, in queue order so
+/// concurrent statements cannot deadlock on them. A data-modifying CTE runs
+/// to completion whether or not the statement reads it.
+macro_rules! count_finished {
+    ($source:literal, $state:literal) => {
+        concat!(
+            "counted AS (INSERT INTO workbroker.finished_counts AS c (queue, state, slot, count) \
+               SELECT n.queue, ",
+            $state,
+            ", (pg_backend_pid() % 64)::smallint, count(*) FROM ",
+            $source,
+            " n GROUP BY n.queue ORDER BY n.queue \
+             ON CONFLICT (queue, state, slot) DO UPDATE SET count = c.count + excluded.count)"
+        )
+    };
+}
+
 /// Hands leases back to the queue, or to DEAD when their attempts are used up,
 /// answering one row per moved job `(id, queue, traceparent, dead)`.
 /// `$targets` is a CTE body yielding `(id, token)` of the leases to return;
@@ -102,6 +121,8 @@ macro_rules! return_leases {
              dead AS (",
             insert_finished!("killed", "5", "$2", "NULL"),
             " RETURNING id, queue, ordering_key, attributes ->> 'traceparent' AS traceparent), ",
+            count_finished!("dead", "5"),
+            ", ",
             clear_key_heads!("dead"),
             ", \
              notified AS ( \
@@ -495,6 +516,8 @@ impl Store {
              moved AS (",
             insert_finished!("done", "4", "last_error", "nullif(ack_result, ''::bytea)"),
             " RETURNING id, lease_token, queue, ordering_key), ",
+            count_finished!("moved", "4"),
+            ", ",
             clear_key_heads!("moved"),
             " \
              SELECT CASE \
@@ -556,6 +579,8 @@ impl Store {
              dead AS (",
             insert_finished!("killed", "5", "nack_error", "NULL"),
             " RETURNING id, lease_token, queue, ordering_key), ",
+            count_finished!("dead", "5"),
+            ", ",
             clear_key_heads!("dead"),
             " \
              SELECT CASE \
@@ -725,6 +750,8 @@ impl Store {
              moved AS (",
             insert_finished!("gone", "6", "last_error", "NULL"),
             " RETURNING *), ",
+            count_finished!("moved", "6"),
+            ", ",
             clear_key_heads!("moved"),
             ", \
              notified AS (SELECT pg_notify('workbroker_jobs', queue) FROM gone WHERE ordering_key IS NOT NULL) \
