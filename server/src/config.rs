@@ -87,6 +87,11 @@ pub struct ServeArgs {
     #[arg(long, env = "WORKBROKER_ENQUEUE_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub enqueue_concurrency: u16,
 
+    /// Ack statements (and, apart, nack statements) this replica runs at
+    /// once; acks waiting meanwhile are grouped into the next one.
+    #[arg(long, env = "WORKBROKER_SETTLE_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub settle_concurrency: u16,
+
     /// Shards jobs are spread over; applied only to a database without jobs (default: stored, 64).
     #[arg(long, env = "WORKBROKER_SHARD_COUNT", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub shard_count: Option<u32>,
@@ -183,6 +188,7 @@ impl ServeArgs {
             advertise_address: self.advertise_address.clone(),
             batchers: BatcherSettings {
                 max_concurrent_enqueues: usize::from(self.enqueue_concurrency),
+                max_concurrent_flushes: usize::from(self.settle_concurrency),
                 ..BatcherSettings::default()
             },
             watch_poll_interval: Duration::from_millis(500),
@@ -191,5 +197,39 @@ impl ServeArgs {
             keep_alive_freeze: KeepAliveFreeze::default(),
             admin_listen: self.admin_listen,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::ServeArgs;
+    use crate::service::BatcherSettings;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    fn batchers(args: &[&str]) -> BatcherSettings {
+        let command =
+            Command::try_parse_from(["workbroker", "--database-url", "postgres://127.0.0.1/x"].iter().chain(args))
+                .expect("flags parse");
+        command.serve.server_config().batchers
+    }
+
+    #[test]
+    fn statement_concurrency_flags_default_to_the_batcher_defaults_and_override_them() {
+        let defaults = BatcherSettings::default();
+        let parsed = batchers(&[]);
+        assert_eq!(
+            (parsed.max_concurrent_enqueues, parsed.max_concurrent_flushes),
+            (defaults.max_concurrent_enqueues, defaults.max_concurrent_flushes)
+        );
+        let parsed = batchers(&["--enqueue-concurrency", "3", "--settle-concurrency", "5"]);
+        assert_eq!((parsed.max_concurrent_enqueues, parsed.max_concurrent_flushes), (3, 5));
+        assert!(Command::try_parse_from(["workbroker", "--database-url", "x", "--settle-concurrency", "0"]).is_err());
     }
 }
