@@ -81,7 +81,8 @@ struct OpenStream {
 ///
 /// A job the broker leases again supersedes its older lease here; finding
 /// that older lease is one look-up, where a scan of every held job per
-/// leased job cost a worker holding 500 jobs about 5 µs a job.
+/// leased job cost workers holding 500 jobs each about 1.5 µs a job (2 % of
+/// the machine's CPU in a profiled drain).
 #[derive(Debug, Default)]
 struct HeldJobs {
     by_token: HashMap<String, HeldJob>,
