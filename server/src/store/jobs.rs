@@ -67,19 +67,17 @@ macro_rules! insert_finished {
 }
 
 /// A CTE `counted` that adds the rows `$source` inserted into
-/// `finished_jobs` (it must return `queue`) to the per-queue counters of
-/// state `$state` (migration 0011): one upsert per queue, in queue order so
+/// `finished_jobs` (it must return `queue` and `state`) to the counters
+/// (migration 0011): one upsert per queue and state, in that order so
 /// concurrent statements cannot deadlock on them. A data-modifying CTE runs
 /// to completion whether or not the statement reads it.
 macro_rules! count_finished {
-    ($source:literal, $state:literal) => {
+    ($source:literal) => {
         concat!(
             "counted AS (INSERT INTO workbroker.finished_counts AS c (queue, state, slot, count) \
-               SELECT n.queue, ",
-            $state,
-            ", (pg_backend_pid() % 64)::smallint, count(*) FROM ",
+               SELECT n.queue, n.state, (pg_backend_pid() % 64)::smallint, count(*) FROM ",
             $source,
-            " n GROUP BY n.queue ORDER BY n.queue \
+            " n GROUP BY n.queue, n.state ORDER BY n.queue, n.state \
              ON CONFLICT (queue, state, slot) DO UPDATE SET count = c.count + excluded.count)"
         )
     };
@@ -120,8 +118,8 @@ macro_rules! return_leases {
                  RETURNING j.*), \
              dead AS (",
             insert_finished!("killed", "5", "$2", "NULL"),
-            " RETURNING id, queue, ordering_key, attributes ->> 'traceparent' AS traceparent), ",
-            count_finished!("dead", "5"),
+            " RETURNING id, queue, state, ordering_key, attributes ->> 'traceparent' AS traceparent), ",
+            count_finished!("dead"),
             ", ",
             clear_key_heads!("dead"),
             ", \
@@ -515,8 +513,8 @@ impl Store {
                  RETURNING j.*, i.result AS ack_result), \
              moved AS (",
             insert_finished!("done", "4", "last_error", "nullif(ack_result, ''::bytea)"),
-            " RETURNING id, lease_token, queue, ordering_key), ",
-            count_finished!("moved", "4"),
+            " RETURNING id, lease_token, queue, state, ordering_key), ",
+            count_finished!("moved"),
             ", ",
             clear_key_heads!("moved"),
             " \
@@ -578,8 +576,8 @@ impl Store {
                  RETURNING j.*, t.error AS nack_error), \
              dead AS (",
             insert_finished!("killed", "5", "nack_error", "NULL"),
-            " RETURNING id, lease_token, queue, ordering_key), ",
-            count_finished!("dead", "5"),
+            " RETURNING id, lease_token, queue, state, ordering_key), ",
+            count_finished!("dead"),
             ", ",
             clear_key_heads!("dead"),
             " \
@@ -750,7 +748,7 @@ impl Store {
              moved AS (",
             insert_finished!("gone", "6", "last_error", "NULL"),
             " RETURNING *), ",
-            count_finished!("moved", "6"),
+            count_finished!("moved"),
             ", ",
             clear_key_heads!("moved"),
             ", \

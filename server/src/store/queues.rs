@@ -193,7 +193,8 @@ impl Store {
     /// watermark, for one queue or (with `None`) every queue, by name.
     ///
     /// The counts come from one statement (unfinished jobs counted in the hot
-    /// table, finished ones from the counters migration 0006 keeps); the
+    /// table, finished ones from the counters of migration 0006, which the
+    /// finishing statements and a delete trigger keep since 0011); the
     /// watermarks from [`Store::queue_watermarks`], taken right after.
     pub async fn queue_stats(&self, queue: Option<&str>) -> Result<Vec<QueueStatsRecord>> {
         let rows = sqlx::query_as::<_, QueueStatsRow>(
