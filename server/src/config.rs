@@ -165,6 +165,22 @@ impl EtcdArgs {
 }
 
 impl ServeArgs {
+    /// A warning when the enqueue, ack and nack statements allowed in flight
+    /// at once could take more than half of `--max-connections`: lease
+    /// statements, reads and admin calls share that pool, and a statement
+    /// that waits 5 s for a connection fails as unavailable.
+    pub fn connection_budget_warning(&self) -> Option<String> {
+        let statements = u32::from(self.enqueue_concurrency) + 2 * u32::from(self.settle_concurrency);
+        let pool = self.database.store_config().max_connections;
+        (statements * 2 > pool).then(|| {
+            format!(
+                "--enqueue-concurrency {} and --settle-concurrency {} (acks and nacks each) allow {statements} \
+                 statements at once, more than half of --max-connections {pool}; raise --max-connections",
+                self.enqueue_concurrency, self.settle_concurrency
+            )
+        })
+    }
+
     pub fn server_config(&self) -> ServerConfig {
         let member_id = self
             .member_id
@@ -214,10 +230,7 @@ mod tests {
     }
 
     fn batchers(args: &[&str]) -> BatcherSettings {
-        let command =
-            Command::try_parse_from(["workbroker", "--database-url", "postgres://127.0.0.1/x"].iter().chain(args))
-                .expect("flags parse");
-        command.serve.server_config().batchers
+        serve_args(args).server_config().batchers
     }
 
     #[test]
@@ -231,5 +244,24 @@ mod tests {
         let parsed = batchers(&["--enqueue-concurrency", "3", "--settle-concurrency", "5"]);
         assert_eq!((parsed.max_concurrent_enqueues, parsed.max_concurrent_flushes), (3, 5));
         assert!(Command::try_parse_from(["workbroker", "--database-url", "x", "--settle-concurrency", "0"]).is_err());
+    }
+
+    fn serve_args(args: &[&str]) -> ServeArgs {
+        Command::try_parse_from(["workbroker", "--database-url", "postgres://127.0.0.1/x"].iter().chain(args))
+            .expect("flags parse")
+            .serve
+    }
+
+    #[test]
+    fn statement_concurrency_beyond_half_the_pool_is_warned_about() {
+        assert_eq!(serve_args(&[]).connection_budget_warning(), None);
+        assert_eq!(
+            serve_args(&["--settle-concurrency", "4", "--max-connections", "20"]).connection_budget_warning(),
+            None
+        );
+        let warning = serve_args(&["--settle-concurrency", "5", "--max-connections", "20"])
+            .connection_budget_warning()
+            .expect("12 statements against 20 connections");
+        assert!(warning.contains("allow 12 statements") && warning.contains("--max-connections 20"), "{warning}");
     }
 }

@@ -108,6 +108,9 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let telemetry = init_logging()?;
+    if let Some(warning) = args.connection_budget_warning() {
+        tracing::warn!("{warning}");
+    }
     let config = args.server_config();
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
