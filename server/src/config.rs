@@ -92,6 +92,12 @@ pub struct ServeArgs {
     #[arg(long, env = "WORKBROKER_SETTLE_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub settle_concurrency: u16,
 
+    /// Microseconds a few acks that nothing waits for (no ordering key, and
+    /// the worker has free slots) wait for more to share their statement;
+    /// 0 never waits.
+    #[arg(long, env = "WORKBROKER_ACK_LINGER_US", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    pub ack_linger_us: u64,
+
     /// Shards jobs are spread over; applied only to a database without jobs (default: stored, 64).
     #[arg(long, env = "WORKBROKER_SHARD_COUNT", value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub shard_count: Option<u32>,
@@ -205,6 +211,7 @@ impl ServeArgs {
             batchers: BatcherSettings {
                 max_concurrent_enqueues: usize::from(self.enqueue_concurrency),
                 max_concurrent_flushes: usize::from(self.settle_concurrency),
+                ack_linger: Duration::from_micros(self.ack_linger_us),
                 ..BatcherSettings::default()
             },
             watch_poll_interval: Duration::from_millis(500),
@@ -241,8 +248,10 @@ mod tests {
             (parsed.max_concurrent_enqueues, parsed.max_concurrent_flushes),
             (defaults.max_concurrent_enqueues, defaults.max_concurrent_flushes)
         );
-        let parsed = batchers(&["--enqueue-concurrency", "3", "--settle-concurrency", "5"]);
+        assert_eq!(parsed.ack_linger, defaults.ack_linger);
+        let parsed = batchers(&["--enqueue-concurrency", "3", "--settle-concurrency", "5", "--ack-linger-us", "0"]);
         assert_eq!((parsed.max_concurrent_enqueues, parsed.max_concurrent_flushes), (3, 5));
+        assert_eq!(parsed.ack_linger, std::time::Duration::ZERO);
         assert!(Command::try_parse_from(["workbroker", "--database-url", "x", "--settle-concurrency", "0"]).is_err());
     }
 

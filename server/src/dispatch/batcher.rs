@@ -15,9 +15,11 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::store;
@@ -38,6 +40,9 @@ pub enum SubmitError {
 
 struct Pending<Item, Output> {
     item: Item,
+    arrived: Instant,
+    /// The item may wait up to the linger for others (see [`BatcherLimits`]).
+    patient: bool,
     reply: oneshot::Sender<Result<Output, SharedError>>,
 }
 
@@ -55,8 +60,21 @@ impl<Item, Output> Clone for Batcher<Item, Output> {
 impl<Item, Output> Batcher<Item, Output> {
     /// Submits one item and waits for its answer.
     pub async fn submit(&self, item: Item) -> Result<Output, SubmitError> {
+        self.submit_with(item, false).await
+    }
+
+    /// Submits one item that nothing waits for, and waits for its answer: a
+    /// light batch of such items waits up to the linger for others to join.
+    pub async fn submit_patient(&self, item: Item) -> Result<Output, SubmitError> {
+        self.submit_with(item, true).await
+    }
+
+    async fn submit_with(&self, item: Item, patient: bool) -> Result<Output, SubmitError> {
         let (reply, answer) = oneshot::channel();
-        self.sender.send(Pending { item, reply }).await.map_err(|_| SubmitError::ShuttingDown)?;
+        self.sender
+            .send(Pending { item, arrived: Instant::now(), patient, reply })
+            .await
+            .map_err(|_| SubmitError::ShuttingDown)?;
         match answer.await {
             Ok(Ok(output)) => Ok(output),
             Ok(Err(error)) => Err(SubmitError::Store(error)),
@@ -76,6 +94,13 @@ pub struct BatcherLimits {
     pub overlap_weight: usize,
     /// Items waiting beyond the running batches before submitters wait.
     pub queue_capacity: usize,
+    /// A batch of patient items (see [`Batcher::submit_patient`]) lighter
+    /// than `linger_weight` waits until its oldest item is `linger` old, so
+    /// that fewer, larger statements commit (zero: never waits). One
+    /// impatient item starts it at once.
+    pub linger: Duration,
+    /// See `linger`.
+    pub linger_weight: usize,
 }
 
 /// The loop behind a [`Batcher`].
@@ -118,13 +143,15 @@ where
         let mut receiving = true;
         let mut closing = false;
         loop {
-            while let Some(batch) = self.next_batch(&mut waiting, &mut waiting_weight, flushes.len()) {
+            while let Some(batch) = self.next_batch(&mut waiting, &mut waiting_weight, flushes.len(), closing) {
                 flushes.spawn(self.flush(batch));
             }
             if !receiving && waiting.is_empty() && flushes.is_empty() {
                 break;
             }
+            let lingering = self.lingering(&waiting, waiting_weight, flushes.len(), closing);
             tokio::select! {
+                () = tokio::time::sleep_until(lingering.unwrap_or_else(Instant::now)), if lingering.is_some() => {}
                 received = self.receiver.recv(), if receiving => match received {
                     Some(pending) => {
                         waiting_weight += (self.weigh)(&pending.item);
@@ -147,16 +174,40 @@ where
         }
     }
 
+    /// When the waiting items, which the policy would start now, may start
+    /// if they linger: all patient and light.
+    fn lingering(
+        &self,
+        waiting: &VecDeque<Pending<Item, Output>>,
+        waiting_weight: usize,
+        in_flight: usize,
+        closing: bool,
+    ) -> Option<Instant> {
+        let oldest = waiting.front()?;
+        let may_start = in_flight == 0
+            || (in_flight < self.limits.max_concurrent_flushes && waiting_weight >= self.limits.overlap_weight);
+        let lingers = may_start
+            && !closing
+            && !self.limits.linger.is_zero()
+            && waiting_weight < self.limits.linger_weight
+            && waiting.iter().all(|pending| pending.patient);
+        lingers.then(|| oldest.arrived + self.limits.linger)
+    }
+
     /// The next batch to start, if the policy says one starts now.
     fn next_batch(
         &self,
         waiting: &mut VecDeque<Pending<Item, Output>>,
         waiting_weight: &mut usize,
         in_flight: usize,
+        closing: bool,
     ) -> Option<Vec<Pending<Item, Output>>> {
         let may_start = in_flight == 0
             || (in_flight < self.limits.max_concurrent_flushes && *waiting_weight >= self.limits.overlap_weight);
         if waiting.is_empty() || !may_start {
+            return None;
+        }
+        if self.lingering(waiting, *waiting_weight, in_flight, closing).is_some_and(|until| until > Instant::now()) {
             return None;
         }
         let mut batch = Vec::new();
@@ -220,8 +271,14 @@ mod tests {
     async fn answers_every_item_in_order_and_coalesces_under_load() {
         let batches = Arc::new(AtomicUsize::new(0));
         let counter = batches.clone();
-        let limits =
-            BatcherLimits { max_batch_weight: 100, max_concurrent_flushes: 1, overlap_weight: 1, queue_capacity: 1000 };
+        let limits = BatcherLimits {
+            max_batch_weight: 100,
+            max_concurrent_flushes: 1,
+            overlap_weight: 1,
+            queue_capacity: 1000,
+            linger: Duration::ZERO,
+            linger_weight: 0,
+        };
         let (handle, batch_loop) = batcher(
             "test",
             limits,
@@ -259,8 +316,14 @@ mod tests {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
         let (counter, peak) = (in_flight.clone(), most.clone());
-        let limits =
-            BatcherLimits { max_batch_weight: 15, max_concurrent_flushes: 2, overlap_weight: 10, queue_capacity: 100 };
+        let limits = BatcherLimits {
+            max_batch_weight: 15,
+            max_concurrent_flushes: 2,
+            overlap_weight: 10,
+            queue_capacity: 100,
+            linger: Duration::ZERO,
+            linger_weight: 0,
+        };
         let (handle, batch_loop) = batcher(
             "test",
             limits,
@@ -304,10 +367,74 @@ mod tests {
         assert_eq!(most_in_flight(vec![1, 12, 12, 12]).await, 2, "heavy items overlap, up to the limit");
     }
 
+    /// Submits `(delay, patient)` items, each `delay` after the start, to a
+    /// batcher lingering 50 ms below weight 10 (on the paused test clock);
+    /// returns the sizes of its batches and when each started.
+    async fn linger_batches(items: Vec<(u64, bool)>) -> Vec<(usize, Duration)> {
+        let started = Instant::now();
+        let batches = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = batches.clone();
+        let limits = BatcherLimits {
+            max_batch_weight: 100,
+            max_concurrent_flushes: 1,
+            overlap_weight: 1,
+            queue_capacity: 100,
+            linger: Duration::from_millis(50),
+            linger_weight: 10,
+        };
+        let (handle, batch_loop) = batcher(
+            "test",
+            limits,
+            |_: &u32| 1,
+            move |items: Vec<u32>| {
+                seen.lock().expect("lock").push((items.len(), started.elapsed()));
+                async move { Ok(items) }
+            },
+        );
+        let shutdown = CancellationToken::new();
+        let running = tokio::spawn(batch_loop.run(shutdown.clone()));
+        let calls: Vec<_> = items
+            .into_iter()
+            .map(|(delay, patient)| {
+                let handle = handle.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    if patient { handle.submit_patient(1).await } else { handle.submit(1).await }
+                })
+            })
+            .collect();
+        for call in calls {
+            call.await.expect("task").expect("answer");
+        }
+        shutdown.cancel();
+        running.await.expect("loop ends");
+        let batches = batches.lock().expect("lock").clone();
+        batches
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn patient_items_linger_for_company_until_an_impatient_or_heavy_batch_starts_them() {
+        let ms = Duration::from_millis;
+        // Light and patient: one batch, when the first is 50 ms old.
+        assert_eq!(linger_batches(vec![(0, true), (10, true), (20, true)]).await, vec![(3, ms(50))]);
+        // An impatient item starts the waiting ones with it.
+        assert_eq!(linger_batches(vec![(0, true), (10, false)]).await, vec![(2, ms(10))]);
+        // Impatient items never wait.
+        assert_eq!(linger_batches(vec![(0, false)]).await, vec![(1, ms(0))]);
+        // Ten patient items weigh enough to start at once.
+        assert_eq!(linger_batches(vec![(0, true); 10]).await, vec![(10, ms(0))]);
+    }
+
     #[tokio::test]
     async fn a_failed_batch_fails_each_of_its_items() {
-        let limits =
-            BatcherLimits { max_batch_weight: 10, max_concurrent_flushes: 1, overlap_weight: 1, queue_capacity: 10 };
+        let limits = BatcherLimits {
+            max_batch_weight: 10,
+            max_concurrent_flushes: 1,
+            overlap_weight: 1,
+            queue_capacity: 10,
+            linger: Duration::ZERO,
+            linger_weight: 0,
+        };
         let (handle, batch_loop) = batcher(
             "test",
             limits,

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::{Dispatcher, LeaseInfo, LeaseStream, StreamEvent, traceparent_of};
+use super::{Dispatcher, LeaseStream, StreamEvent};
 use crate::admin::metrics::JobEvent;
 use crate::store::{self, EnqueuedRecord, Handoff, HeldLease, JobRecord, NewJobRecord, ReleaseAttempt, RunAt};
 
@@ -143,17 +143,7 @@ impl Dispatcher {
             if state.closed || state.draining {
                 false
             } else {
-                for job in &jobs {
-                    if let Some(token) = job.lease_token {
-                        state.held.insert(token, job.id);
-                        let info = LeaseInfo {
-                            job_id: job.id,
-                            queue: Arc::from(job.queue.as_str()),
-                            traceparent: traceparent_of(job).map(Arc::from),
-                        };
-                        registry.leases.insert(token, (stream.id, info));
-                    }
-                }
+                registry.hold(stream.id, &mut state, &jobs);
                 true
             }
         };

@@ -173,13 +173,38 @@ pub struct WindowError {
 struct Registry {
     streams: HashMap<StreamId, Arc<LeaseStream>>,
     by_queue: HashMap<String, HashSet<StreamId>>,
-    /// Every lease held by a local stream, by token: the stream, and the
-    /// job's queue and trace context (for the metrics and spans of its settle).
-    leases: HashMap<Uuid, (StreamId, LeaseInfo)>,
+    /// Every lease held by a local stream, by token.
+    leases: HashMap<Uuid, HeldLeaseEntry>,
     next_id: StreamId,
 }
 
+/// A lease held by a local stream.
+#[derive(Debug)]
+struct HeldLeaseEntry {
+    stream: StreamId,
+    /// The job has an ordering key: its settle may release the key's next job.
+    keyed: bool,
+    /// The job's queue and trace context, for the metrics and spans of its settle.
+    info: LeaseInfo,
+}
+
 impl Registry {
+    /// Records `jobs`, just leased to `stream` (whose state is `state`), as
+    /// held by it.
+    fn hold(&mut self, stream: StreamId, state: &mut StreamState, jobs: &[JobRecord]) {
+        for job in jobs {
+            if let Some(token) = job.lease_token {
+                state.held.insert(token, job.id);
+                let info = LeaseInfo {
+                    job_id: job.id,
+                    queue: Arc::from(job.queue.as_str()),
+                    traceparent: traceparent_of(job).map(Arc::from),
+                };
+                self.leases.insert(token, HeldLeaseEntry { stream, keyed: job.ordering_key.is_some(), info });
+            }
+        }
+    }
+
     /// Drops a lease from the registry.
     fn forget(&mut self, lease_token: &Uuid) {
         self.leases.remove(lease_token);
@@ -255,11 +280,29 @@ impl Dispatcher {
                 registry
                     .leases
                     .get(&lease.lease_token)
-                    .map(|(_, info)| info)
+                    .map(|entry| &entry.info)
                     .filter(|info| info.job_id == lease.job_id)
                     .cloned()
             })
             .collect()
+    }
+
+    /// Whether an ack of `lease` may wait a little for other acks to share
+    /// its statement: nothing waits for it. Its job has no ordering key (whose
+    /// next job the ack would release), and the local stream holding it has
+    /// free slots besides (so no job waits for its slot) and is not draining.
+    pub fn ack_can_wait(&self, lease: &HeldLease) -> bool {
+        let registry = self.registry();
+        let Some(entry) = registry.leases.get(&lease.lease_token) else {
+            return false;
+        };
+        if entry.keyed || entry.info.job_id != lease.job_id {
+            return false;
+        }
+        registry.streams.get(&entry.stream).is_some_and(|stream| {
+            let state = stream.state();
+            !state.closed && !state.draining && state.free() > 0
+        })
     }
 
     /// Counts and traces jobs handed back by a release.
@@ -431,7 +474,7 @@ impl Dispatcher {
         {
             let mut registry = self.registry();
             for lease in leases {
-                let Some(stream_id) = registry.leases.get(&lease.lease_token).map(|(stream_id, _)| *stream_id) else {
+                let Some(stream_id) = registry.leases.get(&lease.lease_token).map(|entry| entry.stream) else {
                     foreign.push(*lease);
                     continue;
                 };
@@ -462,7 +505,7 @@ impl Dispatcher {
     pub fn lease_cancelled(&self, job_id: i64, lease_token: Uuid) -> bool {
         let stream = {
             let mut registry = self.registry();
-            let Some(stream_id) = registry.leases.get(&lease_token).map(|(stream_id, _)| *stream_id) else {
+            let Some(stream_id) = registry.leases.get(&lease_token).map(|entry| entry.stream) else {
                 return false;
             };
             let Some(stream) = registry.streams.get(&stream_id).cloned() else {
@@ -626,17 +669,7 @@ impl Dispatcher {
             if state.closed || state.draining {
                 false
             } else {
-                for job in &jobs {
-                    if let Some(token) = job.lease_token {
-                        state.held.insert(token, job.id);
-                        let info = LeaseInfo {
-                            job_id: job.id,
-                            queue: Arc::from(job.queue.as_str()),
-                            traceparent: traceparent_of(job).map(Arc::from),
-                        };
-                        registry.leases.insert(token, (stream.id, info));
-                    }
-                }
+                registry.hold(stream.id, &mut state, &jobs);
                 true
             }
         };

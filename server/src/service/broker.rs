@@ -15,7 +15,9 @@ use super::error::Error;
 use super::{Shared, convert, validate};
 use crate::dispatch::listener::cancel_payload;
 use crate::dispatch::{LeaseFilter, LeaseStream, StreamEvent};
-use crate::store::{self, AckItem, CancelResult, ExtendItem, LEASES_CHANNEL, NackItem, ReleaseAttempt, SettleOutcome};
+use crate::store::{
+    self, AckItem, CancelResult, ExtendItem, HeldLease, LEASES_CHANNEL, NackItem, ReleaseAttempt, SettleOutcome,
+};
 use crate::telemetry::{self, JobRef, JobStep};
 
 /// Requests one Ack or Nack stream may have in the batchers at once.
@@ -231,7 +233,13 @@ impl BrokerService {
             }
         };
         let job_id = item.job_id;
-        let settled = shared.batchers.ack.submit(item).await.map_err(Error::from)?;
+        let lease = HeldLease { job_id, lease_token: item.lease_token };
+        let settled = if shared.dispatcher.ack_can_wait(&lease) {
+            shared.batchers.ack.submit_patient(item).await
+        } else {
+            shared.batchers.ack.submit(item).await
+        }
+        .map_err(Error::from)?;
         tracing::debug!(job_id, outcome = ?settled, "ack");
         Ok(v1::AckResponse { job_id: request.job_id, outcome: outcome(settled), message: outcome_message(settled) })
     }

@@ -55,7 +55,16 @@ pub struct BatcherSettings {
     pub max_concurrent_flushes: usize,
     /// Enqueue statements in flight at once.
     pub max_concurrent_enqueues: usize,
+    /// How long a light batch of acks that nothing waits for waits for more
+    /// (see [`Dispatcher::ack_can_wait`]). At 5,000 jobs/s one job a call,
+    /// ack statements otherwise commit about a thousand times a second, and
+    /// every enqueue commit waits behind their WAL flushes: 1 ms took the
+    /// enqueue-to-handler p50 from about 2.0 to 1.7 ms.
+    pub ack_linger: Duration,
 }
+
+/// Acks at which a lingering batch starts at once.
+const ACK_LINGER_WEIGHT: usize = 64;
 
 impl Default for BatcherSettings {
     fn default() -> Self {
@@ -64,6 +73,7 @@ impl Default for BatcherSettings {
             max_settle_batch: 2_000,
             max_concurrent_flushes: 2,
             max_concurrent_enqueues: 2,
+            ack_linger: Duration::from_millis(1),
         }
     }
 }
@@ -86,12 +96,17 @@ impl Batchers {
             // into the next; a full bulk request runs beside it.
             overlap_weight: 1_000,
             queue_capacity: 10_000,
+            linger: Duration::ZERO,
+            linger_weight: 0,
         };
         let settle_limits = BatcherLimits {
             max_batch_weight: settings.max_settle_batch,
             max_concurrent_flushes: settings.max_concurrent_flushes,
             overlap_weight: 1,
             queue_capacity: 50_000,
+            // Only acks are submitted patiently; nacks never linger.
+            linger: settings.ack_linger,
+            linger_weight: ACK_LINGER_WEIGHT,
         };
 
         let enqueue_dispatcher = dispatcher.clone();
