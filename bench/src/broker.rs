@@ -174,7 +174,20 @@ impl BrokerUnderTest {
     /// Deletes the jobs of the harness's own queues (`bench-*`) and vacuums,
     /// so that every scenario run starts from the same, empty tables.
     pub async fn clean_up(&self) -> Result<()> {
-        sqlx::query("DELETE FROM workbroker.jobs WHERE queue LIKE 'bench-%'").execute(&self.pool).await?;
+        // The broker may still be handing back the leases of workers that
+        // just stopped; its statement and this delete can then lock the same
+        // rows in opposite orders, and PostgreSQL cancels one of them.
+        let mut attempt = 0;
+        while let Err(error) =
+            sqlx::query("DELETE FROM workbroker.jobs WHERE queue LIKE 'bench-%'").execute(&self.pool).await
+        {
+            let deadlock = error.as_database_error().and_then(|error| error.code()).is_some_and(|code| code == "40P01");
+            attempt += 1;
+            if !deadlock || attempt == 5 {
+                return Err(error.into());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
         sqlx::query("DELETE FROM workbroker.finished_jobs WHERE queue LIKE 'bench-%'").execute(&self.pool).await?;
         sqlx::raw_sql("VACUUM workbroker.jobs, workbroker.finished_jobs").execute(&self.pool).await?;
         Ok(())
