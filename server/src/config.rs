@@ -92,8 +92,9 @@ pub struct ServeArgs {
     #[arg(long, env = "WORKBROKER_SETTLE_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub settle_concurrency: u16,
 
-    /// Microseconds a few acks that nothing waits for (no ordering key, and
-    /// the worker has free slots) wait for more to share their statement;
+    /// Microseconds (at most 100,000) a few acks no other job waits on (no
+    /// ordering key; their worker's stream is waiting for work with free
+    /// slots and is not draining) wait for more to share their statement;
     /// 0 never waits.
     #[arg(long, env = "WORKBROKER_ACK_LINGER_US", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub ack_linger_us: u64,

@@ -1,10 +1,13 @@
 //! Group commit: callers from every stream submit single items; one loop
 //! gathers whatever is waiting into a batch and runs one statement for it.
 //!
-//! There is no artificial delay: while batches are in the database, new
-//! items wait, and the next batch takes all of them (up to
-//! `max_batch_weight`). Under light load a batch is one item and latency is
-//! one statement; under heavy load batches grow by themselves.
+//! There is no artificial delay for items submitted with
+//! [`Batcher::submit`]: while batches are in the database, new items wait,
+//! and the next batch takes all of them (up to `max_batch_weight`). Under
+//! light load a batch is one item and latency is one statement; under heavy
+//! load batches grow by themselves. Items submitted with
+//! [`Batcher::submit_patient`] (acks no other job waits on) may linger a
+//! little for company when they are few (see [`BatcherLimits::linger`]).
 //!
 //! A batch starts when nothing is in flight, or, up to
 //! `max_concurrent_flushes`, when what waits weighs at least `overlap_weight`:
@@ -174,6 +177,13 @@ where
         }
     }
 
+    /// Whether the concurrency policy lets a batch start beside `in_flight`
+    /// running ones.
+    fn may_start(&self, waiting_weight: usize, in_flight: usize) -> bool {
+        in_flight == 0
+            || (in_flight < self.limits.max_concurrent_flushes && waiting_weight >= self.limits.overlap_weight)
+    }
+
     /// When the waiting items, which the policy would start now, may start
     /// if they linger: all patient and light.
     fn lingering(
@@ -184,9 +194,7 @@ where
         closing: bool,
     ) -> Option<Instant> {
         let oldest = waiting.front()?;
-        let may_start = in_flight == 0
-            || (in_flight < self.limits.max_concurrent_flushes && waiting_weight >= self.limits.overlap_weight);
-        let lingers = may_start
+        let lingers = self.may_start(waiting_weight, in_flight)
             && !closing
             && !self.limits.linger.is_zero()
             && waiting_weight < self.limits.linger_weight
@@ -202,9 +210,7 @@ where
         in_flight: usize,
         closing: bool,
     ) -> Option<Vec<Pending<Item, Output>>> {
-        let may_start = in_flight == 0
-            || (in_flight < self.limits.max_concurrent_flushes && *waiting_weight >= self.limits.overlap_weight);
-        if waiting.is_empty() || !may_start {
+        if waiting.is_empty() || !self.may_start(*waiting_weight, in_flight) {
             return None;
         }
         if self.lingering(waiting, *waiting_weight, in_flight, closing).is_some_and(|until| until > Instant::now()) {
@@ -408,8 +414,7 @@ mod tests {
         }
         shutdown.cancel();
         running.await.expect("loop ends");
-        let batches = batches.lock().expect("lock").clone();
-        batches
+        batches.lock().expect("lock").clone()
     }
 
     #[tokio::test(start_paused = true)]

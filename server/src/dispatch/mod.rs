@@ -288,10 +288,17 @@ impl Dispatcher {
     }
 
     /// Whether an ack of `lease` may wait a little for other acks to share
-    /// its statement: nothing waits for it. Its job has no ordering key (whose
-    /// next job the ack would release), and the local stream holding it has
-    /// free slots besides (so no job waits for its slot) and is not draining.
+    /// its statement because no other job waits on it: its job has no
+    /// ordering key (whose next job the ack would release), and the local
+    /// stream holding it is waiting for work (its last lease came back short
+    /// and nothing was announced since) with free slots besides, so no job
+    /// waits for its slot. Not while the replica stops leasing, nor for a
+    /// draining stream. The caller of `Ack` and watchers of the job still
+    /// wait the linger.
     pub fn ack_can_wait(&self, lease: &HeldLease) -> bool {
+        if self.leasing.is_cancelled() {
+            return false;
+        }
         let registry = self.registry();
         let Some(entry) = registry.leases.get(&lease.lease_token) else {
             return false;
@@ -301,7 +308,7 @@ impl Dispatcher {
         }
         registry.streams.get(&entry.stream).is_some_and(|stream| {
             let state = stream.state();
-            !state.closed && !state.draining && state.free() > 0
+            !state.closed && !state.draining && state.dry_at_epoch == Some(state.work_epoch) && state.free() > 0
         })
     }
 
@@ -720,4 +727,90 @@ impl Dispatcher {
 /// A job's `traceparent` attribute.
 fn traceparent_of(job: &JobRecord) -> Option<&str> {
     job.attributes.get(telemetry::TRACEPARENT).and_then(serde_json::Value::as_str)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A leased job of `queue`, with an ordering key when `keyed`.
+    fn leased(id: i64, keyed: bool) -> JobRecord {
+        let now = chrono::Utc::now();
+        JobRecord {
+            id,
+            queue: "q".to_owned(),
+            kind: "k".to_owned(),
+            state: crate::store::state::LEASED,
+            priority: 0,
+            sequence: id,
+            run_at: now,
+            created_at: now,
+            attempt: 1,
+            max_attempts: 3,
+            ordering_key: keyed.then(|| "key".to_owned()),
+            dedup_key: None,
+            lease_token: Some(Uuid::new_v4()),
+            lease_expires_at: Some(now),
+            leased_by: Some("w".to_owned()),
+            last_error: None,
+            payload: Vec::new(),
+            attributes: serde_json::Value::Object(serde_json::Map::new()),
+            finished_at: None,
+            result: None,
+        }
+    }
+
+    fn lease_of(job: &JobRecord) -> HeldLease {
+        HeldLease { job_id: job.id, lease_token: job.lease_token.expect("leased") }
+    }
+
+    #[tokio::test]
+    async fn only_acks_no_other_job_waits_on_may_linger() {
+        let pool = sqlx::postgres::PgPoolOptions::new().connect_lazy("postgres://127.0.0.1:1/unused").expect("url");
+        let dispatcher = Dispatcher::new(Store::from_pool(pool));
+        let (events, _receiver) = mpsc::unbounded_channel();
+        let filter = LeaseFilter {
+            worker_id: "w".to_owned(),
+            queues: vec!["q".to_owned()],
+            kinds: Vec::new(),
+            lease_duration: None,
+        };
+        let stream = Arc::new(LeaseStream {
+            id: 1,
+            filter,
+            state: Mutex::new(StreamState { window: 3, ..StreamState::default() }),
+            wake: Notify::new(),
+            events,
+            stop: CancellationToken::new(),
+        });
+        let (plain, keyed) = (leased(1, false), leased(2, true));
+        {
+            let mut registry = dispatcher.registry();
+            registry.streams.insert(1, stream.clone());
+            let mut state = stream.state();
+            registry.hold(1, &mut state, &[plain.clone(), keyed.clone()]);
+        }
+        // Holding 2 of 3 slots, but not known to be waiting for work.
+        assert!(!dispatcher.ack_can_wait(&lease_of(&plain)), "a stream that may find work needs the slot");
+        stream.state().dry_at_epoch = Some(0);
+        assert!(dispatcher.ack_can_wait(&lease_of(&plain)), "idle stream with a free slot");
+        assert!(!dispatcher.ack_can_wait(&lease_of(&keyed)), "the key's next job waits on it");
+        assert!(
+            !dispatcher.ack_can_wait(&HeldLease { job_id: 7, lease_token: lease_of(&plain).lease_token }),
+            "another job's token"
+        );
+        assert!(!dispatcher.ack_can_wait(&lease_of(&leased(3, false))), "a lease no local stream holds");
+        stream.state().work_epoch = 1;
+        assert!(!dispatcher.ack_can_wait(&lease_of(&plain)), "work was announced since the stream went dry");
+        stream.state().dry_at_epoch = Some(1);
+        stream.state().window = 2;
+        assert!(!dispatcher.ack_can_wait(&lease_of(&plain)), "no free slot besides");
+        stream.state().window = 3;
+        stream.drain();
+        assert!(!dispatcher.ack_can_wait(&lease_of(&plain)), "a draining worker waits for its acks");
+        stream.state().draining = false;
+        assert!(dispatcher.ack_can_wait(&lease_of(&plain)));
+        dispatcher.stop_leasing();
+        assert!(!dispatcher.ack_can_wait(&lease_of(&plain)), "the replica is stopping");
+    }
 }
