@@ -30,6 +30,7 @@ impl DatabaseArgs {
         StoreConfig {
             database_url: self.database_url.clone(),
             max_connections: self.max_connections.max(2),
+            batch_connections: 0,
             acquire_timeout: Duration::from_secs(5),
         }
     }
@@ -194,7 +195,10 @@ impl ServeArgs {
             .clone()
             .unwrap_or_else(|| format!("broker-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]));
         ServerConfig {
-            store: self.database.store_config(),
+            store: StoreConfig {
+                batch_connections: u32::from(self.enqueue_concurrency) + 2 * u32::from(self.settle_concurrency),
+                ..self.database.store_config()
+            },
             migrate: !self.no_migrate,
             limits: Limits { max_payload_bytes: self.max_payload_bytes },
             max_message_bytes: self.max_message_bytes.max(self.max_payload_bytes + 64 * 1024),
@@ -260,6 +264,16 @@ mod tests {
         Command::try_parse_from(["workbroker", "--database-url", "postgres://127.0.0.1/x"].iter().chain(args))
             .expect("flags parse")
             .serve
+    }
+
+    #[test]
+    fn the_group_commit_statements_get_one_connection_each_out_of_the_pool() {
+        let store = serve_args(&[]).server_config().store;
+        assert_eq!((store.max_connections, store.batch_connections), (20, 6));
+        let store = serve_args(&["--enqueue-concurrency", "1", "--settle-concurrency", "3", "--max-connections", "30"])
+            .server_config()
+            .store;
+        assert_eq!((store.max_connections, store.batch_connections), (30, 7));
     }
 
     #[test]

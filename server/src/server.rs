@@ -261,7 +261,7 @@ pub async fn run_with_admin_listener(
         background.close();
         background.wait().await;
         stop_admin(admin, &admin_stop).await;
-        store.pool().close().await;
+        store.close().await;
         return match result {
             Ok(outcome) => outcome.map_err(Error::from),
             Err(join_error) => Err(Error::Io(std::io::Error::other(join_error))),
@@ -286,7 +286,7 @@ pub async fn run_with_admin_listener(
     background.close();
     background.wait().await;
     stop_admin(admin, &admin_stop).await;
-    store.pool().close().await;
+    store.close().await;
     tracing::info!("broker stopped");
     Ok(())
 }

@@ -86,6 +86,7 @@ pub fn test_config(database_url: &str) -> ServerConfig {
         store: StoreConfig {
             database_url: database_url.to_owned(),
             max_connections: 8,
+            batch_connections: 3,
             acquire_timeout: Duration::from_secs(3),
         },
         migrate: true,

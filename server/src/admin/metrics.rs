@@ -459,18 +459,11 @@ pub fn render(shared: &Shared) -> String {
     gauge(&mut out, "workbroker_shards", "Shards jobs are spread over.", shared.cluster.shard_count());
     gauge(&mut out, "workbroker_cluster_members", "Live members this replica sees.", snapshot.members.len());
 
-    let pool = shared.store.pool();
-    let size = pool.size();
-    let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX).min(size);
+    let counts = shared.store.connection_counts();
     header(&mut out, "workbroker_db_pool_connections", "gauge", "Open database connections by state.");
-    sample(&mut out, "workbroker_db_pool_connections", &[("state", "idle")], idle);
-    sample(&mut out, "workbroker_db_pool_connections", &[("state", "in_use")], size - idle);
-    gauge(
-        &mut out,
-        "workbroker_db_pool_max_connections",
-        "Most database connections this replica opens.",
-        pool.options().get_max_connections(),
-    );
+    sample(&mut out, "workbroker_db_pool_connections", &[("state", "idle")], counts.idle);
+    sample(&mut out, "workbroker_db_pool_connections", &[("state", "in_use")], counts.open - counts.idle);
+    gauge(&mut out, "workbroker_db_pool_max_connections", "Most database connections this replica opens.", counts.max);
     out
 }
 
@@ -546,7 +539,7 @@ fn register_process_gauges(meter: &opentelemetry::metrics::Meter, weak: Weak<Sha
             snapshot.shard_map.shards_of(&snapshot.self_id).len() as f64
         }),
         ("workbroker.db.pool.connections", "Open database connections.", |shared| {
-            f64::from(shared.store.pool().size())
+            f64::from(shared.store.connection_counts().open)
         }),
         (
             "workbroker.db.oldest_transaction_age",

@@ -314,14 +314,13 @@ fn render_cluster(page: &mut String, shared: &Shared, snapshot: &crate::coordina
 }
 
 fn render_database(page: &mut String, shared: &Shared) {
-    let pool = shared.store.pool();
-    let size = pool.size();
-    let idle = u32::try_from(pool.num_idle()).unwrap_or(u32::MAX).min(size);
+    let counts = shared.store.connection_counts();
     let _ = write!(
         page,
         "<section id=\"database\"><h2>Database</h2><p>pool: {in_use} in use, {idle} idle, {max} max</p>",
-        in_use = size - idle,
-        max = pool.options().get_max_connections(),
+        in_use = counts.open - counts.idle,
+        idle = counts.idle,
+        max = counts.max,
     );
     let gauges = shared.metrics.database();
     match &gauges.horizon {

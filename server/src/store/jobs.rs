@@ -212,7 +212,7 @@ impl Store {
     ) -> Result<Vec<EnqueuedRecord>> {
         let enqueued = if jobs.iter().all(|job| job.dedup_key.is_none()) {
             let all: Vec<usize> = (0..jobs.len()).collect();
-            let rows = self.insert_jobs(&self.pool, jobs, &all, handoffs).await?;
+            let rows = self.insert_jobs(self.batch(), jobs, &all, handoffs).await?;
             rows.iter().map(InsertedRow::record).collect()
         } else {
             self.jobs_enqueue_with_dedup(jobs).await?
@@ -534,7 +534,7 @@ impl Store {
         .bind(&ids)
         .bind(&tokens)
         .bind(&results)
-        .fetch_all(&self.pool)
+        .fetch_all(self.batch())
         .await?;
         Ok(Settled::collect(rows.into_iter().map(|(outcome, unblocked)| (settle_outcome(outcome), unblocked))))
     }
@@ -600,7 +600,7 @@ impl Store {
         .bind(&errors)
         .bind(&retry_after)
         .bind(&permanent)
-        .fetch_all(&self.pool)
+        .fetch_all(self.batch())
         .await?;
         Ok(Settled::collect(rows.into_iter().map(|(outcome, next_state, wake)| {
             (NackResult { outcome: settle_outcome(outcome), next_state: (next_state != 0).then_some(next_state) }, wake)

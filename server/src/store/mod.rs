@@ -42,6 +42,9 @@ pub struct Store {
     /// The hot path's connections: every statement prepared once, its
     /// generic plan kept.
     pool: PgPool,
+    /// The group-commit statements' own few connections (enqueue, ack,
+    /// nack; see [`StoreConfig::batch_connections`]); `None`: they use `pool`.
+    batch: Option<PgPool>,
     /// A few connections planning each statement with its actual
     /// parameters, for statements off the hot path whose best plan depends
     /// on a LIMIT parameter (the reaper's, listings): under a generic plan
@@ -70,6 +73,14 @@ struct TableGrowth {
 /// statistics before its next tick.
 const GROWTH_NUDGE_JOBS: u64 = 5_000;
 
+/// Connections of the hot path's pools (see [`Store::connection_counts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnectionCounts {
+    pub open: u32,
+    pub idle: u32,
+    pub max: u32,
+}
+
 /// How to reach the database.
 #[derive(Clone, Debug)]
 pub struct StoreConfig {
@@ -77,6 +88,12 @@ pub struct StoreConfig {
     pub database_url: String,
     /// Most connections the pool opens.
     pub max_connections: u32,
+    /// Of those, connections kept for the group-commit statements (enqueue,
+    /// ack, nack; 0: they share the pool). The pool hands out the idle
+    /// connection that waited longest, so after a burst had opened many,
+    /// one-job statements rotated over all of them and ran slower; on their
+    /// own few connections they stay on warm backends.
+    pub batch_connections: u32,
     /// How long a caller waits for a free connection before `Unavailable`.
     pub acquire_timeout: Duration,
 }
@@ -98,20 +115,34 @@ impl Store {
         // ids (estimated at ten rows) keep probing the primary key, and the
         // lease names its rows as `id = ANY (array)` too, so that no
         // estimate of its LIMIT turns it into a scan of the whole table.
+        let generic = options.clone().options([("plan_cache_mode", "force_generic_plan")]);
+        let batch_connections = config.batch_connections.min(config.max_connections.saturating_sub(2));
         let pool = PgPoolOptions::new()
-            .max_connections(config.max_connections)
+            .max_connections(config.max_connections - batch_connections)
             .acquire_timeout(config.acquire_timeout)
-            .connect_lazy_with(options.clone().options([("plan_cache_mode", "force_generic_plan")]));
+            .connect_lazy_with(generic.clone());
+        let batch = (batch_connections > 0).then(|| {
+            PgPoolOptions::new()
+                .max_connections(batch_connections)
+                .acquire_timeout(config.acquire_timeout)
+                .connect_lazy_with(generic)
+        });
         let planned = PgPoolOptions::new()
             .max_connections(PLANNED_CONNECTIONS)
             .acquire_timeout(config.acquire_timeout)
             .connect_lazy_with(options);
-        Ok(Self { pool, planned, notify_suffix: new_notify_suffix(), growth: Arc::default() })
+        Ok(Self { pool, batch, planned, notify_suffix: new_notify_suffix(), growth: Arc::default() })
     }
 
     /// Wraps an existing pool (tests): all statements use it.
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { planned: pool.clone(), pool, notify_suffix: new_notify_suffix(), growth: Arc::default() }
+        Self {
+            planned: pool.clone(),
+            batch: None,
+            pool,
+            notify_suffix: new_notify_suffix(),
+            growth: Arc::default(),
+        }
     }
 
     /// Counts inserted jobs; every [`GROWTH_NUDGE_JOBS`] of them wake
@@ -140,6 +171,34 @@ impl Store {
     /// The pool, for LISTEN connections and health checks.
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The connections of the group-commit statements.
+    fn batch(&self) -> &PgPool {
+        self.batch.as_ref().unwrap_or(&self.pool)
+    }
+
+    /// Open and idle connections of the hot path's pools, and the most they
+    /// open together.
+    pub fn connection_counts(&self) -> ConnectionCounts {
+        let pools = std::iter::once(&self.pool).chain(&self.batch);
+        let mut counts = ConnectionCounts::default();
+        for pool in pools {
+            let open = pool.size();
+            counts.open += open;
+            counts.idle += u32::try_from(pool.num_idle()).unwrap_or(u32::MAX).min(open);
+            counts.max += pool.options().get_max_connections();
+        }
+        counts
+    }
+
+    /// Closes the hot path's pools: waits for their connections to come
+    /// back and closes them.
+    pub async fn close(&self) {
+        self.pool.close().await;
+        if let Some(batch) = &self.batch {
+            batch.close().await;
+        }
     }
 
     /// Applies the embedded migrations that have not run yet.
