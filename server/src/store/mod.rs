@@ -136,13 +136,7 @@ impl Store {
 
     /// Wraps an existing pool (tests): all statements use it.
     pub fn from_pool(pool: PgPool) -> Self {
-        Self {
-            planned: pool.clone(),
-            batch: None,
-            pool,
-            notify_suffix: new_notify_suffix(),
-            growth: Arc::default(),
-        }
+        Self { planned: pool.clone(), batch: None, pool, notify_suffix: new_notify_suffix(), growth: Arc::default() }
     }
 
     /// Counts inserted jobs; every [`GROWTH_NUDGE_JOBS`] of them wake
