@@ -173,12 +173,19 @@ impl EtcdArgs {
 }
 
 impl ServeArgs {
+    /// Enqueue, ack and nack statements allowed in flight at once: the
+    /// connections kept for them out of `--max-connections`.
+    fn group_commit_statements(&self) -> u32 {
+        u32::from(self.enqueue_concurrency) + 2 * u32::from(self.settle_concurrency)
+    }
+
     /// A warning when the enqueue, ack and nack statements allowed in flight
-    /// at once could take more than half of `--max-connections`: lease
-    /// statements, reads and admin calls share that pool, and a statement
-    /// that waits 5 s for a connection fails as unavailable.
+    /// at once take more than half of `--max-connections`: they get that
+    /// many connections of their own, and lease statements, reads and admin
+    /// calls share the rest, where a statement that waits 5 s for a
+    /// connection fails as unavailable.
     pub fn connection_budget_warning(&self) -> Option<String> {
-        let statements = u32::from(self.enqueue_concurrency) + 2 * u32::from(self.settle_concurrency);
+        let statements = self.group_commit_statements();
         let pool = self.database.store_config().max_connections;
         (statements * 2 > pool).then(|| {
             format!(
@@ -195,10 +202,7 @@ impl ServeArgs {
             .clone()
             .unwrap_or_else(|| format!("broker-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]));
         ServerConfig {
-            store: StoreConfig {
-                batch_connections: u32::from(self.enqueue_concurrency) + 2 * u32::from(self.settle_concurrency),
-                ..self.database.store_config()
-            },
+            store: StoreConfig { batch_connections: self.group_commit_statements(), ..self.database.store_config() },
             migrate: !self.no_migrate,
             limits: Limits { max_payload_bytes: self.max_payload_bytes },
             max_message_bytes: self.max_message_bytes.max(self.max_payload_bytes + 64 * 1024),

@@ -409,8 +409,9 @@ async fn a_keyed_enqueue_waits_for_a_keyed_enqueue_in_flight() -> Result<()> {
 
 /// The head of key "k" is leased, and a transaction deletes it and clears
 /// its key (as an ack's statement does) without committing; a keyed enqueue
-/// of "k" meanwhile still sees the head and marks its job blocked. The enqueue then waits for the key's
-/// lock, and once the delete commits it unblocks its own job: leasable.
+/// of "k" meanwhile still sees the head and marks its job blocked. The
+/// enqueue then waits for the key's lock, and once the delete commits it
+/// unblocks its own job: leasable.
 #[tokio::test]
 async fn a_keyed_enqueue_racing_the_finish_of_its_key_unblocks_its_job_after_the_finish() -> Result<()> {
     let broker = TestBroker::start().await?;

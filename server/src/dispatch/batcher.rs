@@ -273,18 +273,28 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// Limits without a linger.
+    fn limits(
+        max_batch_weight: usize,
+        max_concurrent_flushes: usize,
+        overlap_weight: usize,
+        queue_capacity: usize,
+    ) -> BatcherLimits {
+        BatcherLimits {
+            max_batch_weight,
+            max_concurrent_flushes,
+            overlap_weight,
+            queue_capacity,
+            linger: Duration::ZERO,
+            linger_weight: 0,
+        }
+    }
+
     #[tokio::test]
     async fn answers_every_item_in_order_and_coalesces_under_load() {
         let batches = Arc::new(AtomicUsize::new(0));
         let counter = batches.clone();
-        let limits = BatcherLimits {
-            max_batch_weight: 100,
-            max_concurrent_flushes: 1,
-            overlap_weight: 1,
-            queue_capacity: 1000,
-            linger: Duration::ZERO,
-            linger_weight: 0,
-        };
+        let limits = limits(100, 1, 1, 1000);
         let (handle, batch_loop) = batcher(
             "test",
             limits,
@@ -322,14 +332,7 @@ mod tests {
         let in_flight = Arc::new(AtomicUsize::new(0));
         let most = Arc::new(AtomicUsize::new(0));
         let (counter, peak) = (in_flight.clone(), most.clone());
-        let limits = BatcherLimits {
-            max_batch_weight: 15,
-            max_concurrent_flushes: 2,
-            overlap_weight: 10,
-            queue_capacity: 100,
-            linger: Duration::ZERO,
-            linger_weight: 0,
-        };
+        let limits = limits(15, 2, 10, 100);
         let (handle, batch_loop) = batcher(
             "test",
             limits,
@@ -380,14 +383,7 @@ mod tests {
         let started = Instant::now();
         let batches = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = batches.clone();
-        let limits = BatcherLimits {
-            max_batch_weight: 100,
-            max_concurrent_flushes: 1,
-            overlap_weight: 1,
-            queue_capacity: 100,
-            linger: Duration::from_millis(50),
-            linger_weight: 10,
-        };
+        let limits = BatcherLimits { linger: Duration::from_millis(50), linger_weight: 10, ..limits(100, 1, 1, 100) };
         let (handle, batch_loop) = batcher(
             "test",
             limits,
@@ -432,14 +428,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_batch_fails_each_of_its_items() {
-        let limits = BatcherLimits {
-            max_batch_weight: 10,
-            max_concurrent_flushes: 1,
-            overlap_weight: 1,
-            queue_capacity: 10,
-            linger: Duration::ZERO,
-            linger_weight: 0,
-        };
+        let limits = limits(10, 1, 1, 10);
         let (handle, batch_loop) = batcher(
             "test",
             limits,

@@ -733,7 +733,7 @@ fn traceparent_of(job: &JobRecord) -> Option<&str> {
 mod tests {
     use super::*;
 
-    /// A leased job of `queue`, with an ordering key when `keyed`.
+    /// A leased job of queue `q`, with an ordering key when `keyed`.
     fn leased(id: i64, keyed: bool) -> JobRecord {
         let now = chrono::Utc::now();
         JobRecord {

@@ -12,12 +12,10 @@ use workbroker_api::v1;
 use workbroker_api::v1::broker_server::Broker;
 
 use super::error::Error;
-use super::{Shared, convert, validate};
+use super::{SettleItem as _, Shared, convert, validate};
 use crate::dispatch::listener::cancel_payload;
 use crate::dispatch::{LeaseFilter, LeaseStream, StreamEvent};
-use crate::store::{
-    self, AckItem, CancelResult, ExtendItem, HeldLease, LEASES_CHANNEL, NackItem, ReleaseAttempt, SettleOutcome,
-};
+use crate::store::{self, AckItem, CancelResult, ExtendItem, LEASES_CHANNEL, NackItem, ReleaseAttempt, SettleOutcome};
 use crate::telemetry::{self, JobRef, JobStep};
 
 /// Requests one Ack or Nack stream may have in the batchers at once.
@@ -233,8 +231,7 @@ impl BrokerService {
             }
         };
         let job_id = item.job_id;
-        let lease = HeldLease { job_id, lease_token: item.lease_token };
-        let settled = if shared.dispatcher.ack_can_wait(&lease) {
+        let settled = if shared.dispatcher.ack_can_wait(&item.lease()) {
             shared.batchers.ack.submit_patient(item).await
         } else {
             shared.batchers.ack.submit(item).await
