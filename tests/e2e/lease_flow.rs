@@ -207,16 +207,25 @@ async fn higher_priority_jobs_are_leased_first() -> Result<()> {
 async fn one_enqueue_of_many_jobs_answers_each_job_in_request_order() -> Result<()> {
     let broker = TestBroker::start().await?;
     let mut client = broker.broker().await;
-    // Mixed queues, priorities and delays in one request (one statement):
-    // the answer's n-th id must be the n-th job, and each queue numbers its
-    // jobs in request order.
+    // Mixed queues, kinds, priorities, times, attempt limits and attributes
+    // in one request (one statement, the lean one: no keys, no worker to
+    // hand off to): the answer's n-th id must be the n-th job, stored as
+    // sent, and each queue numbers its jobs in request order.
+    let run_at = prost_types::Timestamp { seconds: 4_102_444_800, nanos: 123_456_000 };
     let jobs: Vec<v1::NewJob> = (0..60_i32)
         .map(|index| {
-            let mut job = new_job(["mixed-a", "mixed-b", "mixed-c"][(index % 3) as usize], "k");
+            let mut job =
+                new_job(["mixed-a", "mixed-b", "mixed-c"][(index % 3) as usize], ["k", "l"][(index % 2) as usize]);
             job.payload = format!("job-{index}").into_bytes();
             job.priority = index % 4;
             if index % 5 == 0 {
                 job.delay = Some(seconds(60.0));
+            } else if index % 7 == 0 {
+                job.run_at = Some(run_at);
+            }
+            if index % 4 == 1 {
+                job.max_attempts = 3;
+                job.attributes.insert("index".into(), index.to_string());
             }
             job
         })
@@ -227,7 +236,13 @@ async fn one_enqueue_of_many_jobs_answers_each_job_in_request_order() -> Result<
     for (job, enqueued) in jobs.iter().zip(&answer) {
         let stored = client.get_job(v1::GetJobRequest { job_id: enqueued.job_id.clone() }).await?.into_inner();
         assert_eq!(stored.payload, job.payload, "job {} answered with another job's id", enqueued.job_id);
-        assert_eq!(stored.queue, job.queue);
+        assert_eq!((&stored.queue, &stored.kind, stored.priority), (&job.queue, &job.kind, job.priority));
+        assert_eq!(stored.attributes, job.attributes);
+        assert_eq!(stored.max_attempts, if job.max_attempts == 0 { 25 } else { job.max_attempts });
+        if job.run_at.is_some() {
+            assert_eq!(stored.run_at, job.run_at);
+            assert_eq!(stored.state, v1::JobState::Scheduled as i32);
+        }
         assert_eq!(stored.sequence, enqueued.sequence);
         let previous = last_sequence.insert(job.queue.clone(), enqueued.sequence).unwrap_or(0);
         assert!(enqueued.sequence > previous, "sequences of {} follow the request order", job.queue);

@@ -188,6 +188,81 @@ fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }
 
+/// The per-job arrays of the enqueue functions, one element per job; an
+/// array whose every value is the default goes as one NULL (unnest pads it
+/// with NULLs): nothing to encode, send or unpack.
+struct JobColumns<'a> {
+    queues: Vec<&'a str>,
+    kinds: Vec<&'a str>,
+    priorities: Option<Vec<i32>>,
+    run_at_micros: Option<Vec<Option<i64>>>,
+    delay_micros: Option<Vec<i64>>,
+    max_attempts: Option<Vec<Option<i32>>>,
+    ordering_keys: Option<Vec<Option<&'a str>>>,
+    dedup_keys: Option<Vec<Option<&'a str>>>,
+    lease_micros: Option<Vec<Option<i64>>>,
+    payloads: Option<Vec<&'a [u8]>>,
+    attributes: Option<Vec<Option<&'a str>>>,
+}
+
+impl<'a> JobColumns<'a> {
+    /// The columns of `jobs[index]` for each of `indexes`, in that order.
+    fn new(jobs: &'a [NewJobRecord], indexes: &[usize]) -> Self {
+        let count = indexes.len();
+        let mut queues = Vec::with_capacity(count);
+        let mut kinds = Vec::with_capacity(count);
+        let mut priorities = Vec::with_capacity(count);
+        let mut run_at_micros: Vec<Option<i64>> = Vec::with_capacity(count);
+        let mut delay_micros: Vec<i64> = Vec::with_capacity(count);
+        let mut max_attempts: Vec<Option<i32>> = Vec::with_capacity(count);
+        let mut ordering_keys: Vec<Option<&str>> = Vec::with_capacity(count);
+        let mut dedup_keys: Vec<Option<&str>> = Vec::with_capacity(count);
+        let mut lease_micros: Vec<Option<i64>> = Vec::with_capacity(count);
+        let mut payloads: Vec<&[u8]> = Vec::with_capacity(count);
+        let mut attributes: Vec<Option<&str>> = Vec::with_capacity(count);
+        for index in indexes {
+            let job = &jobs[*index];
+            queues.push(job.queue.as_str());
+            kinds.push(job.kind.as_str());
+            priorities.push(job.priority);
+            match job.run_at {
+                RunAt::Now => {
+                    run_at_micros.push(None);
+                    delay_micros.push(0);
+                }
+                RunAt::At { unix_micros } => {
+                    run_at_micros.push(Some(unix_micros));
+                    delay_micros.push(0);
+                }
+                RunAt::After(delay) => {
+                    run_at_micros.push(None);
+                    delay_micros.push(micros(delay));
+                }
+            }
+            max_attempts.push(job.max_attempts);
+            ordering_keys.push(job.ordering_key.as_deref());
+            dedup_keys.push(job.dedup_key.as_deref());
+            lease_micros.push(job.lease_duration.map(micros));
+            payloads.push(job.payload.as_slice());
+            // No attributes (the common case) spares the database a JSON parse.
+            attributes.push((job.attributes_json != "{}").then_some(job.attributes_json.as_str()));
+        }
+        Self {
+            queues,
+            kinds,
+            priorities: unless_all(priorities, |priority| *priority == 0),
+            run_at_micros: unless_all(run_at_micros, Option::is_none),
+            delay_micros: unless_all(delay_micros, |delay| *delay == 0),
+            max_attempts: unless_all(max_attempts, Option::is_none),
+            ordering_keys: unless_all(ordering_keys, Option::is_none),
+            dedup_keys: unless_all(dedup_keys, Option::is_none),
+            lease_micros: unless_all(lease_micros, Option::is_none),
+            payloads: unless_all(payloads, |payload| payload.is_empty()),
+            attributes: unless_all(attributes, Option::is_none),
+        }
+    }
+}
+
 impl Store {
     /// Inserts jobs (all or nothing), numbering them from each queue's
     /// sequence and creating unknown queues. A job whose queue and dedup key
@@ -195,7 +270,8 @@ impl Store {
     /// inserted: the existing job is returned with `deduplicated`.
     ///
     /// Without dedup keys this is one statement, committed on its own (one
-    /// round trip); with dedup keys it is a transaction that looks up the
+    /// round trip; a lean one when no job has an ordering key and none is
+    /// handed off); with dedup keys it is a transaction that looks up the
     /// jobs it collided with.
     ///
     /// `handoffs` (empty, or one per job) names the local lease stream a job
@@ -210,7 +286,10 @@ impl Store {
         jobs: &[NewJobRecord],
         handoffs: &[Option<Handoff<'_>>],
     ) -> Result<Vec<EnqueuedRecord>> {
-        let enqueued = if jobs.iter().all(|job| job.dedup_key.is_none()) {
+        let plain = |job: &NewJobRecord| job.dedup_key.is_none() && job.ordering_key.is_none();
+        let enqueued = if jobs.iter().all(plain) && handoffs.iter().all(Option::is_none) {
+            self.insert_plain_jobs(jobs).await?
+        } else if jobs.iter().all(|job| job.dedup_key.is_none()) {
             let all: Vec<usize> = (0..jobs.len()).collect();
             let rows = self.insert_jobs(self.batch(), jobs, &all, handoffs).await?;
             rows.iter().map(InsertedRow::record).collect()
@@ -324,65 +403,28 @@ impl Store {
         handoffs: &[Option<Handoff<'_>>],
     ) -> Result<Vec<InsertedRow>> {
         let count = indexes.len();
-        let mut queues = Vec::with_capacity(count);
-        let mut kinds = Vec::with_capacity(count);
-        let mut priorities = Vec::with_capacity(count);
-        let mut run_at_micros: Vec<Option<i64>> = Vec::with_capacity(count);
-        let mut delay_micros: Vec<i64> = Vec::with_capacity(count);
-        let mut max_attempts: Vec<Option<i32>> = Vec::with_capacity(count);
-        let mut ordering_keys: Vec<Option<&str>> = Vec::with_capacity(count);
-        let mut dedup_keys: Vec<Option<&str>> = Vec::with_capacity(count);
-        let mut lease_micros: Vec<Option<i64>> = Vec::with_capacity(count);
-        let mut payloads: Vec<&[u8]> = Vec::with_capacity(count);
-        let mut attributes: Vec<Option<&str>> = Vec::with_capacity(count);
         let mut handoff_workers: Vec<Option<&str>> = Vec::with_capacity(count);
         let mut handoff_lease_micros: Vec<Option<i64>> = Vec::with_capacity(count);
         for index in indexes {
-            let job = &jobs[*index];
             let handoff = handoffs.get(*index).copied().flatten();
             handoff_workers.push(handoff.map(|handoff| handoff.worker_id));
             handoff_lease_micros.push(handoff.and_then(|handoff| handoff.lease_duration).map(micros));
-            queues.push(job.queue.as_str());
-            kinds.push(job.kind.as_str());
-            priorities.push(job.priority);
-            match job.run_at {
-                RunAt::Now => {
-                    run_at_micros.push(None);
-                    delay_micros.push(0);
-                }
-                RunAt::At { unix_micros } => {
-                    run_at_micros.push(Some(unix_micros));
-                    delay_micros.push(0);
-                }
-                RunAt::After(delay) => {
-                    run_at_micros.push(None);
-                    delay_micros.push(micros(delay));
-                }
-            }
-            max_attempts.push(job.max_attempts);
-            ordering_keys.push(job.ordering_key.as_deref());
-            dedup_keys.push(job.dedup_key.as_deref());
-            lease_micros.push(job.lease_duration.map(micros));
-            payloads.push(job.payload.as_slice());
-            // No attributes (the common case) spares the database a JSON parse.
-            attributes.push((job.attributes_json != "{}").then_some(job.attributes_json.as_str()));
         }
-        // A column whose every value is the default goes as one NULL array
-        // (unnest pads it with NULLs): nothing to encode, send or unpack.
+        let columns = JobColumns::new(jobs, indexes);
         let mut rows: Vec<InsertedRow> = sqlx::query_as(
             "SELECT * FROM workbroker.enqueue_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
-        .bind(&queues)
-        .bind(&kinds)
-        .bind(unless_all(priorities, |priority| *priority == 0))
-        .bind(unless_all(run_at_micros, Option::is_none))
-        .bind(unless_all(delay_micros, |delay| *delay == 0))
-        .bind(unless_all(max_attempts, Option::is_none))
-        .bind(unless_all(ordering_keys, Option::is_none))
-        .bind(unless_all(dedup_keys, Option::is_none))
-        .bind(unless_all(lease_micros, Option::is_none))
-        .bind(unless_all(payloads, |payload| payload.is_empty()))
-        .bind(unless_all(attributes, Option::is_none))
+        .bind(columns.queues)
+        .bind(columns.kinds)
+        .bind(columns.priorities)
+        .bind(columns.run_at_micros)
+        .bind(columns.delay_micros)
+        .bind(columns.max_attempts)
+        .bind(columns.ordering_keys)
+        .bind(columns.dedup_keys)
+        .bind(columns.lease_micros)
+        .bind(columns.payloads)
+        .bind(columns.attributes)
         .bind(unless_all(handoff_workers, Option::is_none))
         .bind(unless_all(handoff_lease_micros, Option::is_none))
         .bind(None::<&str>)
@@ -397,6 +439,40 @@ impl Store {
             return Err(Error::Conflict(format!("enqueue answered {} rows for {count} jobs", rows.len())));
         }
         Ok(rows)
+    }
+
+    /// Inserts `jobs`, none of which has an ordering key or a dedup key, as
+    /// waiting jobs with one call of `workbroker.enqueue_plain_jobs`
+    /// (migration 0012), which does what `enqueue_jobs` does for such jobs
+    /// with a narrower statement. Answers in the order of `jobs`.
+    async fn insert_plain_jobs(&self, jobs: &[NewJobRecord]) -> Result<Vec<EnqueuedRecord>> {
+        let count = jobs.len();
+        let indexes: Vec<usize> = (0..count).collect();
+        let columns = JobColumns::new(jobs, &indexes);
+        let mut rows: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT * FROM workbroker.enqueue_plain_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+                .bind(columns.queues)
+                .bind(columns.kinds)
+                .bind(columns.priorities)
+                .bind(columns.run_at_micros)
+                .bind(columns.delay_micros)
+                .bind(columns.max_attempts)
+                .bind(columns.lease_micros)
+                .bind(columns.payloads)
+                .bind(columns.attributes)
+                .fetch_all(self.batch())
+                .await?;
+        if rows.len() != count {
+            return Err(Error::Conflict(format!("enqueue answered {} rows for {count} jobs", rows.len())));
+        }
+        // Ids are drawn in input order, so id order is input order.
+        if !rows.is_sorted_by_key(|(id, _)| *id) {
+            rows.sort_unstable_by_key(|(id, _)| *id);
+        }
+        Ok(rows
+            .into_iter()
+            .map(|(job_id, sequence)| EnqueuedRecord { job_id, sequence, deduplicated: false, handed_off: None })
+            .collect())
     }
 
     /// Leases up to `limit` available jobs of the given queues (and kinds),
