@@ -206,9 +206,9 @@ struct JobColumns<'a> {
 }
 
 impl<'a> JobColumns<'a> {
-    /// The columns of `jobs[index]` for each of `indexes`, in that order.
-    fn new(jobs: &'a [NewJobRecord], indexes: &[usize]) -> Self {
-        let count = indexes.len();
+    /// The columns of `jobs`, in their order.
+    fn new(jobs: impl ExactSizeIterator<Item = &'a NewJobRecord>) -> Self {
+        let count = jobs.len();
         let mut queues = Vec::with_capacity(count);
         let mut kinds = Vec::with_capacity(count);
         let mut priorities = Vec::with_capacity(count);
@@ -220,8 +220,7 @@ impl<'a> JobColumns<'a> {
         let mut lease_micros: Vec<Option<i64>> = Vec::with_capacity(count);
         let mut payloads: Vec<&[u8]> = Vec::with_capacity(count);
         let mut attributes: Vec<Option<&str>> = Vec::with_capacity(count);
-        for index in indexes {
-            let job = &jobs[*index];
+        for job in jobs {
             queues.push(job.queue.as_str());
             kinds.push(job.kind.as_str());
             priorities.push(job.priority);
@@ -410,7 +409,7 @@ impl Store {
             handoff_workers.push(handoff.map(|handoff| handoff.worker_id));
             handoff_lease_micros.push(handoff.and_then(|handoff| handoff.lease_duration).map(micros));
         }
-        let columns = JobColumns::new(jobs, indexes);
+        let columns = JobColumns::new(indexes.iter().map(|index| &jobs[*index]));
         let mut rows: Vec<InsertedRow> = sqlx::query_as(
             "SELECT * FROM workbroker.enqueue_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
@@ -447,8 +446,7 @@ impl Store {
     /// with a narrower statement. Answers in the order of `jobs`.
     async fn insert_plain_jobs(&self, jobs: &[NewJobRecord]) -> Result<Vec<EnqueuedRecord>> {
         let count = jobs.len();
-        let indexes: Vec<usize> = (0..count).collect();
-        let columns = JobColumns::new(jobs, &indexes);
+        let columns = JobColumns::new(jobs.iter());
         let mut rows: Vec<(i64, i64)> =
             sqlx::query_as("SELECT * FROM workbroker.enqueue_plain_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9)")
                 .bind(columns.queues)
