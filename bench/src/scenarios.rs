@@ -84,13 +84,27 @@ fn job(queue: &str, key: Option<String>, payload: Vec<u8>) -> v1::NewJob {
     }
 }
 
-/// Enqueues `count` jobs in batches of `batch` from `producers` connections.
-/// `keys`: give job i the ordering key `key-(i mod keys)`.
-async fn fill(endpoint: &str, queue: &str, count: u64, batch: u64, producers: usize, keys: Option<u64>) -> Result<()> {
+/// Opens `count` producer connections (at least one).
+async fn producers(endpoint: &str, count: usize) -> Result<Vec<BrokerClient<tonic::transport::Channel>>> {
+    let mut clients = Vec::with_capacity(count.max(1));
+    for _ in 0..count.max(1) {
+        clients.push(producer(endpoint).await?);
+    }
+    Ok(clients)
+}
+
+/// Enqueues `count` jobs in batches of `batch` over the given producer
+/// connections. `keys`: give job i the ordering key `key-(i mod keys)`.
+async fn fill(
+    clients: Vec<BrokerClient<tonic::transport::Channel>>,
+    queue: &str,
+    count: u64,
+    batch: u64,
+    keys: Option<u64>,
+) -> Result<()> {
     let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for _ in 0..producers.max(1) {
-        let mut client = producer(endpoint).await?;
+    for mut client in clients {
         let next = next.clone();
         let queue = queue.to_owned();
         tasks.push(tokio::spawn(async move {
@@ -245,16 +259,20 @@ async fn result(
 }
 
 pub async fn enqueue_bulk(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
+    // Connections open before the clock starts, as pgbench's figures leave
+    // out its connection time.
+    let clients = producers(&broker.endpoint, sizes.producers).await?;
     let before = broker.sample();
     let started = Instant::now();
-    fill(&broker.endpoint, &sizes.queue("bench-bulk"), sizes.jobs, 1000, sizes.producers, None).await?;
+    fill(clients, &sizes.queue("bench-bulk"), sizes.jobs, 1000, None).await?;
     result(broker, "enqueue-bulk", sizes.jobs, started.elapsed(), before, Some("bulk_insert_1000")).await
 }
 
 pub async fn enqueue_single(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
+    let clients = producers(&broker.endpoint, 16).await?;
     let before = broker.sample();
     let started = Instant::now();
-    fill(&broker.endpoint, &sizes.queue("bench-single"), sizes.jobs, 1, 16, None).await?;
+    fill(clients, &sizes.queue("bench-single"), sizes.jobs, 1, None).await?;
     result(broker, "enqueue-single (16 clients)", sizes.jobs, started.elapsed(), before, Some("single_insert_16")).await
 }
 
@@ -269,7 +287,7 @@ async fn drain_queue(
     keys: Option<u64>,
 ) -> Result<ScenarioResult> {
     set_paused(&broker.endpoint, queue, true).await?;
-    fill(&broker.endpoint, queue, sizes.jobs, 1000, sizes.producers, keys).await?;
+    fill(producers(&broker.endpoint, sizes.producers).await?, queue, sizes.jobs, 1000, keys).await?;
     let worker_endpoints = sizes.worker_endpoints.clone().unwrap_or_else(|| broker.endpoint.clone());
     let (metrics, stop, handles) =
         start_workers(&worker_endpoints, queue, sizes.workers, sizes.concurrency, None, None).await?;
@@ -312,11 +330,11 @@ pub async fn steady(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioR
     let sizes_before = broker.table_sizes().await?;
     let before = broker.sample();
     let deadline = Instant::now() + Duration::from_secs(sizes.seconds);
-    let mut producers = Vec::new();
+    let mut producer_tasks = Vec::new();
     for _ in 0..sizes.producers.max(1) {
         let mut client = producer(&broker.endpoint).await?;
         let queue = queue.clone();
-        producers.push(tokio::spawn(async move {
+        producer_tasks.push(tokio::spawn(async move {
             let mut sent = 0_u64;
             while Instant::now() < deadline {
                 let jobs = (0..100).map(|_| job(&queue, None, Vec::new())).collect();
@@ -338,7 +356,7 @@ pub async fn steady(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioR
         }
     }
     let mut enqueued = 0;
-    for producer in producers {
+    for producer in producer_tasks {
         enqueued += producer.await??;
     }
     let elapsed = started.elapsed();
@@ -419,7 +437,7 @@ async fn prepare_backlog(
     backlog: u64,
 ) -> Result<(Vec<WorkerMetrics>, CancellationToken, Vec<tokio::task::JoinHandle<()>>)> {
     set_paused(&broker.endpoint, queue, true).await?;
-    fill(&broker.endpoint, queue, backlog, 1000, sizes.producers, None).await?;
+    fill(producers(&broker.endpoint, sizes.producers).await?, queue, backlog, 1000, None).await?;
     let workers = start_workers(&broker.endpoint, queue, sizes.workers, sizes.concurrency, None, None).await?;
     tokio::time::sleep(WORKERS_SETTLE).await;
     Ok(workers)
