@@ -10,6 +10,7 @@ mod handoff;
 mod lease_flow;
 mod ordering;
 mod python_worker;
+mod queue_key;
 mod reaper;
 mod resilience;
 mod retries;

@@ -492,7 +492,8 @@ impl Store {
                    FROM open_queues q \
                    CROSS JOIN LATERAL ( \
                        SELECT j.id, j.priority, j.run_at FROM workbroker.jobs j \
-                        WHERE j.queue = q.name AND j.state = 2 AND NOT j.blocked AND j.run_at <= now() \
+                        WHERE workbroker.queue_key(j.queue) = workbroker.queue_key(q.name) AND j.queue = q.name \
+                          AND j.state = 2 AND NOT j.blocked AND j.run_at <= now() \
                           AND (cardinality($2::text[]) = 0 OR j.kind = ANY($2::text[])) \
                           AND ($6::integer[] IS NULL OR j.shard = ANY($6::integer[])) \
                           AND (j.ordering_key IS NULL OR NOT EXISTS ( \
@@ -544,20 +545,23 @@ impl Store {
             "WITH RECURSIVE priorities AS ( \
                  SELECT q.name AS queue, \
                         (SELECT j.priority FROM workbroker.jobs j \
-                          WHERE j.queue = q.name AND j.state = 2 AND NOT j.blocked \
+                          WHERE workbroker.queue_key(j.queue) = workbroker.queue_key(q.name) AND j.queue = q.name \
+                            AND j.state = 2 AND NOT j.blocked \
                           ORDER BY j.priority DESC LIMIT 1) AS priority \
                    FROM unnest($1::text[]) AS q(name) \
                  UNION ALL \
                  SELECT p.queue, \
                         (SELECT j.priority FROM workbroker.jobs j \
-                          WHERE j.queue = p.queue AND j.state = 2 AND NOT j.blocked AND j.priority < p.priority \
+                          WHERE workbroker.queue_key(j.queue) = workbroker.queue_key(p.queue) AND j.queue = p.queue \
+                            AND j.state = 2 AND NOT j.blocked AND j.priority < p.priority \
                           ORDER BY j.priority DESC LIMIT 1) \
                    FROM priorities p WHERE p.priority IS NOT NULL) \
              SELECT (extract(epoch FROM min(due.run_at) - now()) * 1e6)::bigint \
                FROM priorities p \
                CROSS JOIN LATERAL ( \
                    SELECT j.run_at FROM workbroker.jobs j \
-                    WHERE j.queue = p.queue AND j.state = 2 AND NOT j.blocked AND j.priority = p.priority \
+                    WHERE workbroker.queue_key(j.queue) = workbroker.queue_key(p.queue) AND j.queue = p.queue \
+                      AND j.state = 2 AND NOT j.blocked AND j.priority = p.priority \
                       AND j.run_at > now() \
                       AND (cardinality($2::text[]) = 0 OR j.kind = ANY($2::text[])) \
                     ORDER BY j.run_at LIMIT 1) due \
@@ -766,7 +770,7 @@ impl Store {
     /// Deletes up to `limit` COMPLETED and CANCELLED jobs older than their
     /// queue's retention. DEAD jobs stay until redriven.
     pub async fn jobs_prune_finished(&self, limit: u32) -> Result<u64> {
-        // Per queue, oldest first, through (queue, finished_at): a pass with
+        // Per queue, oldest first, through (queue_key(queue), finished_at): a pass with
         // nothing to prune costs one index probe per queue. The rows go as
         // `id = ANY (array)`, probed on the primary key whatever the
         // statistics say (an `IN (subquery)` was planned as a hash join over
@@ -777,7 +781,8 @@ impl Store {
                  SELECT old.id FROM workbroker.queues q \
                   CROSS JOIN LATERAL ( \
                       SELECT f.id FROM workbroker.finished_jobs f \
-                       WHERE f.queue = q.name AND f.state IN (4, 6) \
+                       WHERE workbroker.queue_key(f.queue) = workbroker.queue_key(q.name) AND f.queue = q.name \
+                         AND f.state IN (4, 6) \
                          AND f.finished_at < now() - q.completed_retention \
                        ORDER BY f.finished_at LIMIT $1) old \
                   LIMIT $1))",
@@ -851,7 +856,8 @@ impl Store {
             "SELECT ",
             job_fields!(),
             " FROM workbroker.all_jobs j \
-              WHERE j.queue = $1 AND j.sequence > $2 AND ($3::smallint IS NULL OR j.state = $3) \
+              WHERE workbroker.queue_key(j.queue) = workbroker.queue_key($1) AND j.queue = $1 \
+                AND j.sequence > $2 AND ($3::smallint IS NULL OR j.state = $3) \
               ORDER BY j.sequence LIMIT $4"
         ))
         .bind(params.queue)
@@ -889,7 +895,7 @@ impl Store {
         let ids: Vec<i64> = sqlx::query_scalar(
             "WITH picked AS ( \
                  SELECT f.id, f.sequence FROM workbroker.finished_jobs f \
-                  WHERE f.queue = $1 AND f.state = 5 \
+                  WHERE workbroker.queue_key(f.queue) = workbroker.queue_key($1) AND f.queue = $1 AND f.state = 5 \
                     AND (cardinality($2::bigint[]) = 0 OR f.id = ANY($2::bigint[])) \
                     AND (f.dedup_key IS NULL OR NOT EXISTS ( \
                           SELECT 1 FROM workbroker.jobs j \

@@ -210,7 +210,8 @@ impl Store {
                           count(*) FILTER (WHERE j.state = 3) AS leased, \
                           (extract(epoch FROM now() - min(j.run_at) FILTER (WHERE j.state = 2 AND j.run_at <= now())) \
                               * 1e6)::bigint AS oldest_available_us \
-                     FROM workbroker.jobs j WHERE j.queue = q.name) h ON true \
+                     FROM workbroker.jobs j \
+                    WHERE workbroker.queue_key(j.queue) = workbroker.queue_key(q.name) AND j.queue = q.name) h ON true \
                LEFT JOIN LATERAL ( \
                    SELECT sum(c.count) FILTER (WHERE c.state = 4)::bigint AS completed, \
                           sum(c.count) FILTER (WHERE c.state = 5)::bigint AS dead, \
@@ -261,7 +262,8 @@ impl Store {
         sqlx::query("SELECT workbroker.enqueue_barrier($1, true)").bind(queues).execute(&mut *transaction).await?;
         let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(
             "SELECT q.name, workbroker.queue_last_sequence(q.sequence), \
-                    (SELECT min(j.sequence) FROM workbroker.jobs j WHERE j.queue = q.name) \
+                    (SELECT min(j.sequence) FROM workbroker.jobs j \
+                      WHERE workbroker.queue_key(j.queue) = workbroker.queue_key(q.name) AND j.queue = q.name) \
                FROM workbroker.queues q WHERE q.name = ANY($1)",
         )
         .bind(queues)
