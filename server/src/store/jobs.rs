@@ -492,7 +492,9 @@ impl Store {
                    FROM open_queues q \
                    CROSS JOIN LATERAL ( \
                        SELECT j.id, j.priority, j.run_at FROM workbroker.jobs j \
-                        WHERE workbroker.queue_key(j.queue) = workbroker.queue_key(q.name) AND j.queue = q.name \
+                        WHERE ",
+            same_queue!("j.queue", "q.name"),
+            " \
                           AND j.state = 2 AND NOT j.blocked AND j.run_at <= now() \
                           AND (cardinality($2::text[]) = 0 OR j.kind = ANY($2::text[])) \
                           AND ($6::integer[] IS NULL OR j.shard = ANY($6::integer[])) \
@@ -541,18 +543,22 @@ impl Store {
     /// Blocked jobs do not count: the finish of their key's head wakes the
     /// queue.
     pub async fn jobs_next_due(&self, queues: &[String], kinds: &[String]) -> Result<Option<Duration>> {
-        let micros_until: Option<i64> = sqlx::query_scalar(
+        let micros_until: Option<i64> = sqlx::query_scalar(concat!(
             "WITH RECURSIVE priorities AS ( \
                  SELECT q.name AS queue, \
                         (SELECT j.priority FROM workbroker.jobs j \
-                          WHERE workbroker.queue_key(j.queue) = workbroker.queue_key(q.name) AND j.queue = q.name \
+                          WHERE ",
+            same_queue!("j.queue", "q.name"),
+            " \
                             AND j.state = 2 AND NOT j.blocked \
                           ORDER BY j.priority DESC LIMIT 1) AS priority \
                    FROM unnest($1::text[]) AS q(name) \
                  UNION ALL \
                  SELECT p.queue, \
                         (SELECT j.priority FROM workbroker.jobs j \
-                          WHERE workbroker.queue_key(j.queue) = workbroker.queue_key(p.queue) AND j.queue = p.queue \
+                          WHERE ",
+            same_queue!("j.queue", "p.queue"),
+            " \
                             AND j.state = 2 AND NOT j.blocked AND j.priority < p.priority \
                           ORDER BY j.priority DESC LIMIT 1) \
                    FROM priorities p WHERE p.priority IS NOT NULL) \
@@ -560,13 +566,15 @@ impl Store {
                FROM priorities p \
                CROSS JOIN LATERAL ( \
                    SELECT j.run_at FROM workbroker.jobs j \
-                    WHERE workbroker.queue_key(j.queue) = workbroker.queue_key(p.queue) AND j.queue = p.queue \
+                    WHERE ",
+            same_queue!("j.queue", "p.queue"),
+            " \
                       AND j.state = 2 AND NOT j.blocked AND j.priority = p.priority \
                       AND j.run_at > now() \
                       AND (cardinality($2::text[]) = 0 OR j.kind = ANY($2::text[])) \
                     ORDER BY j.run_at LIMIT 1) due \
-              WHERE p.priority IS NOT NULL",
-        )
+              WHERE p.priority IS NOT NULL"
+        ))
         .bind(queues)
         .bind(kinds)
         .fetch_one(&self.pool)
@@ -770,23 +778,25 @@ impl Store {
     /// Deletes up to `limit` COMPLETED and CANCELLED jobs older than their
     /// queue's retention. DEAD jobs stay until redriven.
     pub async fn jobs_prune_finished(&self, limit: u32) -> Result<u64> {
-        // Per queue, oldest first, through (queue_key(queue), finished_at): a pass with
+        // Per queue, oldest first, through (queue key, finished_at): a pass with
         // nothing to prune costs one index probe per queue. The rows go as
         // `id = ANY (array)`, probed on the primary key whatever the
         // statistics say (an `IN (subquery)` was planned as a hash join over
         // the whole table when the statistics had it small). Two reapers may
         // pick the same rows; the second DELETE then finds them gone.
-        let deleted = sqlx::query(
+        let deleted = sqlx::query(concat!(
             "DELETE FROM workbroker.finished_jobs f WHERE f.id = ANY (ARRAY( \
                  SELECT old.id FROM workbroker.queues q \
                   CROSS JOIN LATERAL ( \
                       SELECT f.id FROM workbroker.finished_jobs f \
-                       WHERE workbroker.queue_key(f.queue) = workbroker.queue_key(q.name) AND f.queue = q.name \
+                       WHERE ",
+            same_queue!("f.queue", "q.name"),
+            " \
                          AND f.state IN (4, 6) \
                          AND f.finished_at < now() - q.completed_retention \
                        ORDER BY f.finished_at LIMIT $1) old \
-                  LIMIT $1))",
-        )
+                  LIMIT $1))"
+        ))
         .bind(i64::from(limit))
         .execute(&self.planned)
         .await?
@@ -856,7 +866,9 @@ impl Store {
             "SELECT ",
             job_fields!(),
             " FROM workbroker.all_jobs j \
-              WHERE workbroker.queue_key(j.queue) = workbroker.queue_key($1) AND j.queue = $1 \
+              WHERE ",
+            same_queue!("j.queue", "$1"),
+            " \
                 AND j.sequence > $2 AND ($3::smallint IS NULL OR j.state = $3) \
               ORDER BY j.sequence LIMIT $4"
         ))
@@ -892,10 +904,12 @@ impl Store {
             .bind(queue)
             .execute(&mut *transaction)
             .await?;
-        let ids: Vec<i64> = sqlx::query_scalar(
+        let ids: Vec<i64> = sqlx::query_scalar(concat!(
             "WITH picked AS ( \
                  SELECT f.id, f.sequence FROM workbroker.finished_jobs f \
-                  WHERE workbroker.queue_key(f.queue) = workbroker.queue_key($1) AND f.queue = $1 AND f.state = 5 \
+                  WHERE ",
+            same_queue!("f.queue", "$1"),
+            " AND f.state = 5 \
                     AND (cardinality($2::bigint[]) = 0 OR f.id = ANY($2::bigint[])) \
                     AND (f.dedup_key IS NULL OR NOT EXISTS ( \
                           SELECT 1 FROM workbroker.jobs j \
@@ -918,8 +932,8 @@ impl Store {
                    FROM numbered n \
                  RETURNING id), \
              notified AS (SELECT pg_notify('workbroker_jobs', $1) WHERE EXISTS (SELECT 1 FROM revived)) \
-             SELECT id FROM revived WHERE (SELECT count(*) FROM notified) >= 0 ORDER BY id",
-        )
+             SELECT id FROM revived WHERE (SELECT count(*) FROM notified) >= 0 ORDER BY id"
+        ))
         .bind(queue)
         .bind(job_ids)
         .bind(max_attempts)

@@ -12,6 +12,16 @@
 //! per statement); lease events another replica must hear about go to
 //! `workbroker_leases`.
 
+/// SQL condition: the row's queue column `$column` is the queue `$queue`.
+/// It names the queue's key too, which is what the indexes by queue are led
+/// by (migration 0013), and the name, which drops another queue's rows whose
+/// name has the same key. Both arguments are SQL expressions.
+macro_rules! same_queue {
+    ($column:literal, $queue:literal) => {
+        concat!("workbroker.queue_key(", $column, ") = workbroker.queue_key(", $queue, ") AND ", $column, " = ", $queue)
+    };
+}
+
 mod error;
 mod jobs;
 pub mod maintenance;

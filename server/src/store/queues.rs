@@ -197,7 +197,7 @@ impl Store {
     /// finishing statements and a delete trigger keep since 0011); the
     /// watermarks from [`Store::queue_watermarks`], taken right after.
     pub async fn queue_stats(&self, queue: Option<&str>) -> Result<Vec<QueueStatsRecord>> {
-        let rows = sqlx::query_as::<_, QueueStatsRow>(
+        let rows = sqlx::query_as::<_, QueueStatsRow>(concat!(
             "SELECT q.name AS queue, q.paused, \
                     coalesce(h.scheduled, 0) AS scheduled, coalesce(h.available, 0) AS available, \
                     coalesce(h.leased, 0) AS leased, coalesce(f.completed, 0) AS completed, \
@@ -211,15 +211,17 @@ impl Store {
                           (extract(epoch FROM now() - min(j.run_at) FILTER (WHERE j.state = 2 AND j.run_at <= now())) \
                               * 1e6)::bigint AS oldest_available_us \
                      FROM workbroker.jobs j \
-                    WHERE workbroker.queue_key(j.queue) = workbroker.queue_key(q.name) AND j.queue = q.name) h ON true \
+                    WHERE ",
+            same_queue!("j.queue", "q.name"),
+            ") h ON true \
                LEFT JOIN LATERAL ( \
                    SELECT sum(c.count) FILTER (WHERE c.state = 4)::bigint AS completed, \
                           sum(c.count) FILTER (WHERE c.state = 5)::bigint AS dead, \
                           sum(c.count) FILTER (WHERE c.state = 6)::bigint AS cancelled \
                      FROM workbroker.finished_counts c WHERE c.queue = q.name) f ON true \
               WHERE $1::text IS NULL OR q.name = $1 \
-              ORDER BY q.name",
-        )
+              ORDER BY q.name"
+        ))
         .bind(queue)
         .fetch_all(&self.pool)
         .await?;
@@ -260,12 +262,14 @@ impl Store {
         }
         let mut transaction = self.pool.begin().await?;
         sqlx::query("SELECT workbroker.enqueue_barrier($1, true)").bind(queues).execute(&mut *transaction).await?;
-        let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(
+        let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(concat!(
             "SELECT q.name, workbroker.queue_last_sequence(q.sequence), \
                     (SELECT min(j.sequence) FROM workbroker.jobs j \
-                      WHERE workbroker.queue_key(j.queue) = workbroker.queue_key(q.name) AND j.queue = q.name) \
-               FROM workbroker.queues q WHERE q.name = ANY($1)",
-        )
+                      WHERE ",
+            same_queue!("j.queue", "q.name"),
+            ") \
+               FROM workbroker.queues q WHERE q.name = ANY($1)"
+        ))
         .bind(queues)
         .fetch_all(&mut *transaction)
         .await?;
