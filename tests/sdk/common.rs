@@ -27,15 +27,18 @@ impl RunningWorker {
         Self { shutdown, metrics, task: Some(task) }
     }
 
-    /// Fires the shutdown and waits for the drain to finish.
-    pub async fn stop(mut self) -> Result<()> {
+    /// Fires the shutdown, waits for the drain to finish and returns the
+    /// final counters: an ack is counted when its reply reaches the worker,
+    /// which can be after the job already reads as completed, so tests that
+    /// count settles read them here rather than while the worker runs.
+    pub async fn stop(mut self) -> Result<worker::MetricsSnapshot> {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
             tokio::time::timeout(Duration::from_secs(20), task)
                 .await
                 .context("worker did not stop within 20 s")???;
         }
-        Ok(())
+        Ok(self.metrics.snapshot())
     }
 }
 

@@ -47,10 +47,9 @@ async fn lease_extension_keeps_a_long_job_alive() -> Result<()> {
     assert_eq!(job.attempt, 1, "the lease never expired");
     assert_eq!(job.result, b"done");
     assert_eq!(*runs.lock().expect("lock"), vec![1], "ran exactly once");
-    let metrics = running.metrics.snapshot();
+    let metrics = running.stop().await?;
     assert!(metrics.extensions_ok >= 2, "{metrics:?}");
     assert_eq!(metrics.acks_ok, 1);
-    running.stop().await?;
     broker.finish().await
 }
 
@@ -139,11 +138,10 @@ async fn a_panicking_handler_is_nacked_and_the_worker_goes_on() -> Result<()> {
     let second = client.enqueue(JobBuilder::new("panics", "flaky")).await?;
     let job = wait_terminal(&client, &second.job_id, WAIT).await?;
     assert_eq!(job.state, v1::JobState::Completed as i32);
-    let metrics = running.metrics.snapshot();
+    let metrics = running.stop().await?;
     assert_eq!(metrics.panicked, 2);
     assert_eq!(metrics.nacks_ok, 2);
     assert_eq!(metrics.acks_ok, 2);
-    running.stop().await?;
     broker.finish().await
 }
 
@@ -231,10 +229,9 @@ async fn a_broker_crash_and_restart_loses_nothing_and_runs_no_held_job_twice() -
     for (id, attempts) in &runs {
         assert_eq!(attempts, &vec![1], "job {id} ran more than once");
     }
-    let metrics = running.metrics.snapshot();
+    let metrics = running.stop().await?;
     assert_eq!(metrics.acks_ok, 7, "{metrics:?}");
     assert!(metrics.lease_streams_opened >= 2, "the worker reconnected: {metrics:?}");
-    running.stop().await?;
     drop(second);
     database.drop_database().await
 }
@@ -486,10 +483,9 @@ async fn a_worker_over_two_replicas_runs_one_lease_stream_per_endpoint() -> Resu
         assert_eq!(job.result, format!("{index}").into_bytes());
         assert_eq!(job.attempt, 1);
     }
-    let metrics = running.metrics.snapshot();
+    let metrics = running.stop().await?;
     assert_eq!(metrics.lease_streams_opened, 2, "{metrics:?}");
     assert_eq!(metrics.acks_ok, 40);
-    running.stop().await?;
     second.finish_keep_database().await?;
     first.finish().await
 }
