@@ -84,8 +84,9 @@ pub struct ServeArgs {
     pub vacuum_interval_seconds: u64,
 
     /// Enqueue statements this replica runs at once; waiting requests are
-    /// grouped into the next one.
-    #[arg(long, env = "WORKBROKER_ENQUEUE_CONCURRENCY", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    /// grouped into the next one (a statement starts beside a running one
+    /// only once 1,000 jobs or more wait).
+    #[arg(long, env = "WORKBROKER_ENQUEUE_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub enqueue_concurrency: u16,
 
     /// Ack statements (and, apart, nack statements) this replica runs at
@@ -273,7 +274,7 @@ mod tests {
     #[test]
     fn the_group_commit_statements_get_one_connection_each_out_of_the_pool() {
         let store = serve_args(&[]).server_config().store;
-        assert_eq!((store.max_connections, store.batch_connections), (20, 6));
+        assert_eq!((store.max_connections, store.batch_connections), (20, 8));
         let store = serve_args(&["--enqueue-concurrency", "1", "--settle-concurrency", "3", "--max-connections", "30"])
             .server_config()
             .store;
@@ -284,12 +285,12 @@ mod tests {
     fn statement_concurrency_beyond_half_the_pool_is_warned_about() {
         assert_eq!(serve_args(&[]).connection_budget_warning(), None);
         assert_eq!(
-            serve_args(&["--settle-concurrency", "4", "--max-connections", "20"]).connection_budget_warning(),
+            serve_args(&["--settle-concurrency", "3", "--max-connections", "20"]).connection_budget_warning(),
             None
         );
         let warning = serve_args(&["--settle-concurrency", "5", "--max-connections", "20"])
             .connection_budget_warning()
-            .expect("12 statements against 20 connections");
-        assert!(warning.contains("allow 12 statements") && warning.contains("--max-connections 20"), "{warning}");
+            .expect("14 statements against 20 connections");
+        assert!(warning.contains("allow 14 statements") && warning.contains("--max-connections 20"), "{warning}");
     }
 }
