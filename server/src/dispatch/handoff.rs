@@ -149,13 +149,15 @@ impl Dispatcher {
         };
         self.record_leased(&jobs);
         self.publish_changes(jobs.iter().map(|job| job.id));
-        if accepted && stream.events.send(StreamEvent::Leased(jobs.clone())).is_ok() {
-            return;
-        }
+        // The jobs move into the stream's event; their leases stay here in
+        // case the stream is gone.
         let leases: Vec<HeldLease> = jobs
             .iter()
             .filter_map(|job| job.lease_token.map(|lease_token| HeldLease { job_id: job.id, lease_token }))
             .collect();
+        if accepted && stream.events.send(StreamEvent::Leased(jobs)).is_ok() {
+            return;
+        }
         self.forget_leases(stream, &leases);
         match self
             .store

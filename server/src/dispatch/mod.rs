@@ -682,22 +682,25 @@ impl Dispatcher {
         };
         self.record_leased(&jobs);
         self.publish_changes(jobs.iter().map(|job| job.id));
-        if !accepted || stream.events.send(StreamEvent::Leased(jobs.clone())).is_err() {
+        // The jobs move into the stream's event (no copy of their payloads);
+        // their leases are kept aside in case the stream is gone.
+        let leases: Vec<HeldLease> = jobs
+            .iter()
+            .filter_map(|job| job.lease_token.map(|lease_token| HeldLease { job_id: job.id, lease_token }))
+            .collect();
+        if accepted {
+            for job in &jobs {
+                tracing::debug!(job_id = job.id, queue = %job.queue, kind = %job.kind, attempt = job.attempt, worker_id = %stream.filter.worker_id, "job leased");
+            }
+        }
+        if !accepted || stream.events.send(StreamEvent::Leased(jobs)).is_err() {
             // The stream closed while we leased: hand the jobs straight back.
-            let leases: Vec<HeldLease> = jobs
-                .iter()
-                .filter_map(|job| job.lease_token.map(|lease_token| HeldLease { job_id: job.id, lease_token }))
-                .collect();
             self.forget_leases(stream, &leases);
             let returned = self
                 .store
                 .jobs_release_many(&leases, "lease handed back: never delivered", ReleaseAttempt::Refunded)
                 .await?;
             self.record_released(&returned);
-        } else {
-            for job in &jobs {
-                tracing::debug!(job_id = job.id, queue = %job.queue, kind = %job.kind, attempt = job.attempt, worker_id = %stream.filter.worker_id, "job leased");
-            }
         }
         Ok(count)
     }

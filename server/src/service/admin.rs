@@ -143,7 +143,7 @@ impl Admin for AdminService {
             Some(last) if jobs.len() == page_size as usize => format!("after:{}", last.sequence),
             _ => String::new(),
         };
-        Ok(Response::new(v1::ListJobsResponse { jobs: jobs.iter().map(convert::job).collect(), next_page_token }))
+        Ok(Response::new(v1::ListJobsResponse { jobs: jobs.into_iter().map(convert::job).collect(), next_page_token }))
     }
 
     async fn redrive_dead_letters(

@@ -52,7 +52,7 @@ fn outcome_message(outcome: SettleOutcome) -> String {
 }
 
 /// Splits leased jobs into messages that stay well under the encoding limit.
-fn leased_messages(jobs: &[store::JobRecord]) -> Vec<v1::LeaseResponse> {
+fn leased_messages(jobs: Vec<store::JobRecord>) -> Vec<v1::LeaseResponse> {
     let mut messages = Vec::new();
     let mut current: Vec<v1::LeasedJob> = Vec::new();
     let mut current_bytes = 0;
@@ -101,7 +101,7 @@ fn lease_responses(
             tokio::select! {
                 biased;
                 event = state.events.recv() => match event {
-                    Some(StreamEvent::Leased(jobs)) => state.pending.extend(leased_messages(&jobs).into_iter().map(Ok)),
+                    Some(StreamEvent::Leased(jobs)) => state.pending.extend(leased_messages(jobs).into_iter().map(Ok)),
                     Some(StreamEvent::Cancelled { job_id, lease_token }) => {
                         state.pending.push_back(Ok(v1::LeaseResponse {
                             response: Some(v1::lease_response::Response::Cancelled(v1::CancelNotice {
@@ -420,7 +420,7 @@ impl Broker for BrokerService {
             .await
             .map_err(Error::from)?
             .ok_or_else(|| Error::NotFound(format!("job {job_id} not found")))?;
-        Ok(Response::new(convert::job(&job)))
+        Ok(Response::new(convert::job(job)))
     }
 
     type WatchJobStream = ResponseStream<v1::Job>;
@@ -454,7 +454,7 @@ impl Broker for BrokerService {
                 }
                 self.shared.dispatcher.publish_changes([job_id]);
                 tracing::info!(job_id, "job cancelled");
-                Ok(Response::new(v1::CancelJobResponse { job: Some(convert::job(&job)) }))
+                Ok(Response::new(v1::CancelJobResponse { job: Some(convert::job(job)) }))
             }
             CancelResult::AlreadyTerminal(job) => {
                 let state = v1::JobState::try_from(i32::from(job.state)).unwrap_or(v1::JobState::Unspecified);
@@ -497,9 +497,10 @@ impl WatchState {
                 return None;
             }
             if let Some(record) = self.next.take() {
-                let job = convert::job(&record);
+                let terminal = store::state::is_terminal(record.state);
+                let job = convert::job(record);
                 if self.last.as_ref() != Some(&job) {
-                    self.done = store::state::is_terminal(record.state);
+                    self.done = terminal;
                     self.last = Some(job.clone());
                     return Some(Ok(job));
                 }

@@ -12,61 +12,54 @@ pub fn timestamp(time: DateTime<Utc>) -> prost_types::Timestamp {
     timestamp_from_unix_micros(time.timestamp_micros())
 }
 
-fn attributes(value: &serde_json::Value) -> HashMap<String, String> {
+fn attributes(value: serde_json::Value) -> HashMap<String, String> {
     match value {
         serde_json::Value::Object(map) => map
-            .iter()
+            .into_iter()
             .map(|(key, value)| {
                 let text = match value {
-                    serde_json::Value::String(text) => text.clone(),
+                    serde_json::Value::String(text) => text,
                     other => other.to_string(),
                 };
-                (key.clone(), text)
+                (key, text)
             })
             .collect(),
         _ => HashMap::new(),
     }
 }
 
-pub fn job(record: &JobRecord) -> v1::Job {
+/// The wire form of a job; takes the record, so that its strings and payload
+/// move instead of being copied (a leased batch goes through here whole).
+pub fn job(record: JobRecord) -> v1::Job {
+    let leased = record.state == crate::store::state::LEASED;
     v1::Job {
         job_id: record.id.to_string(),
-        queue: record.queue.clone(),
-        kind: record.kind.clone(),
-        payload: record.payload.clone(),
-        attributes: attributes(&record.attributes),
+        queue: record.queue,
+        kind: record.kind,
+        payload: record.payload,
+        attributes: attributes(record.attributes),
         priority: record.priority,
         state: i32::from(record.state),
         attempt: u32::try_from(record.attempt).unwrap_or(0),
         max_attempts: u32::try_from(record.max_attempts).unwrap_or(0),
-        ordering_key: record.ordering_key.clone().unwrap_or_default(),
-        dedup_key: record.dedup_key.clone().unwrap_or_default(),
+        ordering_key: record.ordering_key.unwrap_or_default(),
+        dedup_key: record.dedup_key.unwrap_or_default(),
         created_at: Some(timestamp(record.created_at)),
         run_at: Some(timestamp(record.run_at)),
         finished_at: record.finished_at.map(timestamp),
-        last_error: record.last_error.clone().unwrap_or_default(),
-        result: record.result.clone().unwrap_or_default(),
+        last_error: record.last_error.unwrap_or_default(),
+        result: record.result.unwrap_or_default(),
         sequence: u64::try_from(record.sequence).unwrap_or(0),
-        leased_by: if record.state == crate::store::state::LEASED {
-            record.leased_by.clone().unwrap_or_default()
-        } else {
-            String::new()
-        },
-        lease_expires_at: if record.state == crate::store::state::LEASED {
-            record.lease_expires_at.map(timestamp)
-        } else {
-            None
-        },
+        leased_by: if leased { record.leased_by.unwrap_or_default() } else { String::new() },
+        lease_expires_at: if leased { record.lease_expires_at.map(timestamp) } else { None },
     }
 }
 
-pub fn leased_job(record: &JobRecord) -> v1::LeasedJob {
-    v1::LeasedJob {
-        job: Some(job(record)),
-        lease_token: record.lease_token.map(|token| token.to_string()).unwrap_or_default(),
-        lease_expires_at: record.lease_expires_at.map(timestamp),
-        attempt: u32::try_from(record.attempt).unwrap_or(0),
-    }
+pub fn leased_job(record: JobRecord) -> v1::LeasedJob {
+    let lease_token = record.lease_token.map(|token| token.to_string()).unwrap_or_default();
+    let lease_expires_at = record.lease_expires_at.map(timestamp);
+    let attempt = u32::try_from(record.attempt).unwrap_or(0);
+    v1::LeasedJob { job: Some(job(record)), lease_token, lease_expires_at, attempt }
 }
 
 pub fn queue_info(record: &QueueRecord) -> v1::QueueInfo {
