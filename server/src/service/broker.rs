@@ -211,7 +211,7 @@ async fn read_credits(mut inbound: Streaming<v1::LeaseRequest>, stream: &LeaseSt
 impl BrokerService {
     async fn ack_one(shared: &Shared, request: v1::AckRequest) -> Result<v1::AckResponse, Status> {
         let checked =
-            validate::lease_ref("", &request.job_id, &request.lease_token).and_then(|(job_id, lease_token)| {
+            validate::lease_ref(None, &request.job_id, &request.lease_token).and_then(|(job_id, lease_token)| {
                 if request.result.len() > shared.limits.max_payload_bytes {
                     return Err(Error::invalid(
                         "result",
@@ -243,7 +243,7 @@ impl BrokerService {
 
     async fn nack_one(shared: &Shared, request: v1::NackRequest) -> Result<v1::NackResponse, Status> {
         let checked =
-            validate::lease_ref("", &request.job_id, &request.lease_token).and_then(|(job_id, lease_token)| {
+            validate::lease_ref(None, &request.job_id, &request.lease_token).and_then(|(job_id, lease_token)| {
                 let retry_after = request
                     .retry_after
                     .as_ref()
@@ -384,12 +384,12 @@ impl Broker for BrokerService {
                 .as_ref()
                 .ok_or_else(|| Error::invalid(format!("leases[{index}].extend_by"), "is required"))?;
             let (job_id, lease_token) =
-                validate::lease_ref(&format!("leases[{index}]."), &lease.job_id, &lease.lease_token)?;
+                validate::lease_ref(Some(("leases", index)), &lease.job_id, &lease.lease_token)?;
             items.push(ExtendItem {
                 job_id,
                 lease_token,
                 extend_by: validate::duration_in(
-                    &format!("leases[{index}].extend_by"),
+                    validate::Field::of_item("leases", index, "extend_by"),
                     extend_by,
                     validate::MIN_LEASE,
                     validate::MAX_LEASE,

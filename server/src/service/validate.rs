@@ -2,6 +2,7 @@
 //! reaches the store, and every refusal names the field at fault.
 
 use std::collections::HashMap;
+use std::fmt;
 use std::time::Duration;
 
 use uuid::Uuid;
@@ -43,65 +44,114 @@ pub struct Limits {
     pub max_payload_bytes: usize,
 }
 
-pub fn name(field: &str, value: &str) -> Result<()> {
-    validate_name(value).map_err(|error| Error::invalid(field, error))
+/// The field a check looks at, as a refusal names it (`jobs[3].queue`).
+/// Spelled out only when the check fails: checking a 1,000-job request, or
+/// an ack, formats no names.
+#[derive(Clone, Copy, Debug)]
+pub struct Field<'a> {
+    /// The list and the index of the item the field belongs to.
+    item: Option<(&'a str, usize)>,
+    name: &'a str,
 }
 
-pub fn job_id(field: &str, value: &str) -> Result<i64> {
-    if value.is_empty() {
-        return Err(Error::invalid(field, "must not be empty"));
+impl<'a> Field<'a> {
+    /// Field `name` of item `index` of the request's list `list`.
+    pub const fn of_item(list: &'a str, index: usize, name: &'a str) -> Self {
+        Self { item: Some((list, index)), name }
     }
-    value
-        .parse::<i64>()
-        .ok()
-        .filter(|id| *id > 0)
-        .ok_or_else(|| Error::invalid(field, "is not a job id of this broker"))
 }
 
-pub fn lease_token(field: &str, value: &str) -> Result<Uuid> {
-    if value.is_empty() {
-        return Err(Error::invalid(field, "must not be empty"));
+impl<'a> From<&'a str> for Field<'a> {
+    fn from(name: &'a str) -> Self {
+        Self { item: None, name }
     }
-    Uuid::parse_str(value).map_err(|_| Error::invalid(field, "is not a lease token of this broker"))
+}
+
+impl fmt::Display for Field<'_> {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.item {
+            Some((list, index)) => write!(formatter, "{list}[{index}].{}", self.name),
+            None => formatter.write_str(self.name),
+        }
+    }
+}
+
+/// A refusal of `field`.
+fn invalid<'a>(field: impl Into<Field<'a>>, reason: impl fmt::Display) -> Error {
+    Error::invalid(field.into().to_string(), reason)
+}
+
+pub fn name<'a>(field: impl Into<Field<'a>>, value: &str) -> Result<()> {
+    validate_name(value).map_err(|error| invalid(field, error))
+}
+
+pub fn job_id<'a>(field: impl Into<Field<'a>>, value: &str) -> Result<i64> {
+    let field = field.into();
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    value.parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| invalid(field, "is not a job id of this broker"))
+}
+
+pub fn lease_token<'a>(field: impl Into<Field<'a>>, value: &str) -> Result<Uuid> {
+    let field = field.into();
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    Uuid::parse_str(value).map_err(|_| invalid(field, "is not a lease token of this broker"))
 }
 
 /// Checks the `job_id` and `lease_token` fields of an item that names a
-/// lease (ack, nack, extension); `prefix` locates the item (`leases[2].`).
-pub fn lease_ref(prefix: &str, job_id: &str, token: &str) -> Result<(i64, Uuid)> {
-    Ok((self::job_id(&format!("{prefix}job_id"), job_id)?, lease_token(&format!("{prefix}lease_token"), token)?))
+/// lease (ack, nack, extension); `item` locates the item in its request's
+/// list (`("leases", 2)`), if it is one.
+pub fn lease_ref(item: Option<(&str, usize)>, job_id: &str, token: &str) -> Result<(i64, Uuid)> {
+    let field = |name| match item {
+        Some((list, index)) => Field::of_item(list, index, name),
+        None => Field::from(name),
+    };
+    Ok((self::job_id(field("job_id"), job_id)?, lease_token(field("lease_token"), token)?))
 }
 
-pub fn duration_in(field: &str, value: &prost_types::Duration, min: Duration, max: Duration) -> Result<Duration> {
-    let duration = duration_from_proto(value).map_err(|error| Error::invalid(field, error))?;
+pub fn duration_in<'a>(
+    field: impl Into<Field<'a>>,
+    value: &prost_types::Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration> {
+    let field = field.into();
+    let duration = duration_from_proto(value).map_err(|error| invalid(field, error))?;
     if duration < min || duration > max {
-        return Err(Error::invalid(field, format!("must be between {min:?} and {max:?}")));
+        return Err(invalid(field, format!("must be between {min:?} and {max:?}")));
     }
     Ok(duration)
 }
 
-fn key(field: &str, value: &str) -> Result<Option<String>> {
+fn key(field: Field<'_>, value: &str) -> Result<Option<String>> {
     if value.len() > MAX_KEY_BYTES {
-        return Err(Error::invalid(field, format!("must be at most {MAX_KEY_BYTES} bytes")));
+        return Err(invalid(field, format!("must be at most {MAX_KEY_BYTES} bytes")));
     }
     Ok((!value.is_empty()).then(|| value.to_owned()))
 }
 
-fn attributes(field: &str, attributes: &HashMap<String, String>) -> Result<String> {
+fn attributes(field: Field<'_>, attributes: &HashMap<String, String>) -> Result<String> {
+    if attributes.is_empty() {
+        return Ok("{}".to_owned());
+    }
     if attributes.len() > MAX_ATTRIBUTES {
-        return Err(Error::invalid(field, format!("must have at most {MAX_ATTRIBUTES} entries")));
+        return Err(invalid(field, format!("must have at most {MAX_ATTRIBUTES} entries")));
     }
     let mut total = 0;
     for (key, value) in attributes {
         if key.is_empty() || key.len() > MAX_ATTRIBUTE_KEY_BYTES {
-            return Err(Error::invalid(field, format!("keys must be 1 to {MAX_ATTRIBUTE_KEY_BYTES} bytes")));
+            return Err(invalid(field, format!("keys must be 1 to {MAX_ATTRIBUTE_KEY_BYTES} bytes")));
         }
         if key.contains('\0') || value.contains('\0') {
-            return Err(Error::invalid(field, "must not contain NUL characters"));
+            return Err(invalid(field, "must not contain NUL characters"));
         }
         total += key.len() + value.len();
     }
     if total > MAX_ATTRIBUTES_BYTES {
-        return Err(Error::invalid(field, format!("keys and values must total at most {MAX_ATTRIBUTES_BYTES} bytes")));
+        return Err(invalid(field, format!("keys and values must total at most {MAX_ATTRIBUTES_BYTES} bytes")));
     }
     let object: serde_json::Map<String, serde_json::Value> =
         attributes.iter().map(|(key, value)| (key.clone(), serde_json::Value::String(value.clone()))).collect();
@@ -113,53 +163,55 @@ pub fn enqueue(request: &v1::EnqueueRequest, limits: Limits) -> Result<Vec<NewJo
     if request.jobs.is_empty() || request.jobs.len() > MAX_JOBS_PER_ENQUEUE {
         return Err(Error::invalid("jobs", format!("must have 1 to {MAX_JOBS_PER_ENQUEUE} jobs")));
     }
-    request.jobs.iter().enumerate().map(|(index, job)| new_job(&format!("jobs[{index}]"), job, limits)).collect()
+    request.jobs.iter().enumerate().map(|(index, job)| new_job(index, job, limits)).collect()
 }
 
-fn new_job(prefix: &str, job: &v1::NewJob, limits: Limits) -> Result<NewJobRecord> {
-    name(&format!("{prefix}.queue"), &job.queue)?;
-    name(&format!("{prefix}.kind"), &job.kind)?;
+/// Checks `jobs[index]` of an Enqueue request.
+fn new_job(index: usize, job: &v1::NewJob, limits: Limits) -> Result<NewJobRecord> {
+    let field = |name| Field::of_item("jobs", index, name);
+    name(field("queue"), &job.queue)?;
+    name(field("kind"), &job.kind)?;
     if job.payload.len() > limits.max_payload_bytes {
-        return Err(Error::invalid(
-            format!("{prefix}.payload"),
+        return Err(invalid(
+            field("payload"),
             format!("is {} bytes; the limit is {}", job.payload.len(), limits.max_payload_bytes),
         ));
     }
     let run_at = match (&job.run_at, &job.delay) {
         (Some(_), Some(_)) => {
-            return Err(Error::invalid(format!("{prefix}.run_at"), "and delay are mutually exclusive"));
+            return Err(invalid(field("run_at"), "and delay are mutually exclusive"));
         }
         (Some(timestamp), None) => {
             let unix_micros = timestamp_to_unix_micros(timestamp)
                 .filter(|micros| (0..=253_402_300_799_000_000).contains(micros))
-                .ok_or_else(|| Error::invalid(format!("{prefix}.run_at"), "is not a valid time"))?;
+                .ok_or_else(|| invalid(field("run_at"), "is not a valid time"))?;
             RunAt::At { unix_micros }
         }
-        (None, Some(delay)) => RunAt::After(duration_in(&format!("{prefix}.delay"), delay, Duration::ZERO, MAX_DELAY)?),
+        (None, Some(delay)) => RunAt::After(duration_in(field("delay"), delay, Duration::ZERO, MAX_DELAY)?),
         (None, None) => RunAt::Now,
     };
     let max_attempts = match job.max_attempts {
         0 => None,
         1..=1000 => Some(i32::try_from(job.max_attempts).unwrap_or(1000)),
         _ => {
-            return Err(Error::invalid(format!("{prefix}.max_attempts"), "must be 0 (queue default) to 1000"));
+            return Err(invalid(field("max_attempts"), "must be 0 (queue default) to 1000"));
         }
     };
     let lease_duration = job
         .lease_duration
         .as_ref()
-        .map(|lease| duration_in(&format!("{prefix}.lease_duration"), lease, MIN_LEASE, MAX_LEASE))
+        .map(|lease| duration_in(field("lease_duration"), lease, MIN_LEASE, MAX_LEASE))
         .transpose()?;
     Ok(NewJobRecord {
         queue: job.queue.clone(),
         kind: job.kind.clone(),
         payload: job.payload.clone(),
-        attributes_json: attributes(&format!("{prefix}.attributes"), &job.attributes)?,
+        attributes_json: attributes(field("attributes"), &job.attributes)?,
         priority: job.priority,
         run_at,
         max_attempts,
-        ordering_key: key(&format!("{prefix}.ordering_key"), &job.ordering_key)?,
-        dedup_key: key(&format!("{prefix}.dedup_key"), &job.dedup_key)?,
+        ordering_key: key(field("ordering_key"), &job.ordering_key)?,
+        dedup_key: key(field("dedup_key"), &job.dedup_key)?,
         lease_duration,
     })
 }
@@ -182,13 +234,13 @@ pub fn open_lease(open: &v1::OpenLease) -> Result<OpenLease> {
         return Err(Error::invalid("open.queues", format!("must name 1 to {MAX_STREAM_FILTERS} queues")));
     }
     for (index, queue) in open.queues.iter().enumerate() {
-        name(&format!("open.queues[{index}]"), queue)?;
+        name(format!("open.queues[{index}]").as_str(), queue)?;
     }
     if open.kinds.len() > MAX_STREAM_FILTERS {
         return Err(Error::invalid("open.kinds", format!("must name at most {MAX_STREAM_FILTERS} kinds")));
     }
     for (index, kind) in open.kinds.iter().enumerate() {
-        name(&format!("open.kinds[{index}]"), kind)?;
+        name(format!("open.kinds[{index}]").as_str(), kind)?;
     }
     if open.max_in_flight == 0 || open.max_in_flight > MAX_WINDOW_STEP {
         return Err(Error::invalid("open.max_in_flight", format!("must be 1 to {MAX_WINDOW_STEP}")));
@@ -297,6 +349,33 @@ mod tests {
         assert!(job_id("job_id", "abc").is_err());
         assert!(lease_token("lease_token", "not-a-uuid").is_err());
         assert!(lease_token("lease_token", &Uuid::new_v4().to_string()).is_ok());
+    }
+
+    #[test]
+    fn lease_refs_name_their_item() {
+        let token = Uuid::new_v4().to_string();
+        assert_eq!(lease_ref(Some(("leases", 2)), "42", &token).ok(), Some((42, token.parse().expect("uuid"))));
+        let field = |result: Result<(i64, Uuid)>| match result {
+            Err(Error::Invalid { field, .. }) => field,
+            other => panic!("expected a validation error, got {other:?}"),
+        };
+        assert_eq!(field(lease_ref(Some(("leases", 2)), "x", &token)), "leases[2].job_id");
+        assert_eq!(field(lease_ref(Some(("leases", 0)), "42", "x")), "leases[0].lease_token");
+        assert_eq!(field(lease_ref(None, "", &token)), "job_id");
+    }
+
+    #[test]
+    fn attributes_become_a_json_object() {
+        let records = enqueue(&v1::EnqueueRequest { jobs: vec![job()] }, LIMITS).expect("valid");
+        assert_eq!(records[0].attributes_json, "{}");
+        let mut with = job();
+        with.attributes.insert("team".into(), "search \"core\"".into());
+        let records = enqueue(&v1::EnqueueRequest { jobs: vec![with] }, LIMITS).expect("valid");
+        let parsed: serde_json::Value = serde_json::from_str(&records[0].attributes_json).expect("json");
+        assert_eq!(parsed, serde_json::json!({ "team": "search \"core\"" }));
+        let mut nul = job();
+        nul.attributes.insert("k".into(), "a\0b".into());
+        assert_eq!(field_of(enqueue(&v1::EnqueueRequest { jobs: vec![job(), nul] }, LIMITS)), "jobs[1].attributes");
     }
 
     #[test]
