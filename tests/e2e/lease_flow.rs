@@ -207,45 +207,61 @@ async fn higher_priority_jobs_are_leased_first() -> Result<()> {
 async fn one_enqueue_of_many_jobs_answers_each_job_in_request_order() -> Result<()> {
     let broker = TestBroker::start().await?;
     let mut client = broker.broker().await;
-    // Mixed queues, kinds, priorities, times, attempt limits and attributes
-    // in one request (one statement, the lean one: no keys, no worker to
-    // hand off to): the answer's n-th id must be the n-th job, stored as
-    // sent, and each queue numbers its jobs in request order.
-    let run_at = prost_types::Timestamp { seconds: 4_102_444_800, nanos: 123_456_000 };
-    let jobs: Vec<v1::NewJob> = (0..60_i32)
-        .map(|index| {
-            let mut job =
-                new_job(["mixed-a", "mixed-b", "mixed-c"][(index % 3) as usize], ["k", "l"][(index % 2) as usize]);
-            job.payload = format!("job-{index}").into_bytes();
-            job.priority = index % 4;
-            if index % 5 == 0 {
-                job.delay = Some(seconds(60.0));
-            } else if index % 7 == 0 {
-                job.run_at = Some(run_at);
-            }
-            if index % 4 == 1 {
-                job.max_attempts = 3;
-                job.attributes.insert("index".into(), index.to_string());
-            }
-            job
+    let mut admin = broker.admin().await;
+    // Mixed kinds, priorities, times, attempt limits and attributes in one
+    // request (one statement, the lean one: no keys, no worker to hand off
+    // to), first over three queues, then all in one queue, which the lean
+    // statement numbers without joining each job to its queue (migration
+    // 0014): the answer's n-th id must be the n-th job, stored as sent, each
+    // queue numbers its jobs in request order, and a job without an attempt
+    // limit gets its queue's.
+    admin
+        .configure_queue(v1::ConfigureQueueRequest {
+            queue: "mixed-c".into(),
+            max_attempts: Some(7),
+            ..Default::default()
         })
-        .collect();
-    let answer = client.enqueue(v1::EnqueueRequest { jobs: jobs.clone() }).await?.into_inner().jobs;
-    assert_eq!(answer.len(), jobs.len());
+        .await?;
+    let run_at = prost_types::Timestamp { seconds: 4_102_444_800, nanos: 123_456_000 };
+    let batch = |queues: &[&str]| -> Vec<v1::NewJob> {
+        (0..60_i32)
+            .map(|index| {
+                let queue = queues[usize::try_from(index).unwrap_or(0) % queues.len()];
+                let mut job = new_job(queue, ["k", "l"][(index % 2) as usize]);
+                job.payload = format!("{queue}-job-{index}").into_bytes();
+                job.priority = index % 4;
+                if index % 5 == 0 {
+                    job.delay = Some(seconds(60.0));
+                } else if index % 7 == 0 {
+                    job.run_at = Some(run_at);
+                }
+                if index % 4 == 1 {
+                    job.max_attempts = 3;
+                    job.attributes.insert("index".into(), index.to_string());
+                }
+                job
+            })
+            .collect()
+    };
     let mut last_sequence: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
-    for (job, enqueued) in jobs.iter().zip(&answer) {
-        let stored = client.get_job(v1::GetJobRequest { job_id: enqueued.job_id.clone() }).await?.into_inner();
-        assert_eq!(stored.payload, job.payload, "job {} answered with another job's id", enqueued.job_id);
-        assert_eq!((&stored.queue, &stored.kind, stored.priority), (&job.queue, &job.kind, job.priority));
-        assert_eq!(stored.attributes, job.attributes);
-        assert_eq!(stored.max_attempts, if job.max_attempts == 0 { 25 } else { job.max_attempts });
-        if job.run_at.is_some() {
-            assert_eq!(stored.run_at, job.run_at);
-            assert_eq!(stored.state, v1::JobState::Scheduled as i32);
+    for jobs in [batch(&["mixed-a", "mixed-b", "mixed-c"]), batch(&["mixed-c"])] {
+        let answer = client.enqueue(v1::EnqueueRequest { jobs: jobs.clone() }).await?.into_inner().jobs;
+        assert_eq!(answer.len(), jobs.len());
+        for (job, enqueued) in jobs.iter().zip(&answer) {
+            let stored = client.get_job(v1::GetJobRequest { job_id: enqueued.job_id.clone() }).await?.into_inner();
+            assert_eq!(stored.payload, job.payload, "job {} answered with another job's id", enqueued.job_id);
+            assert_eq!((&stored.queue, &stored.kind, stored.priority), (&job.queue, &job.kind, job.priority));
+            assert_eq!(stored.attributes, job.attributes);
+            let queue_default = if job.queue == "mixed-c" { 7 } else { 25 };
+            assert_eq!(stored.max_attempts, if job.max_attempts == 0 { queue_default } else { job.max_attempts });
+            if job.run_at.is_some() {
+                assert_eq!(stored.run_at, job.run_at);
+                assert_eq!(stored.state, v1::JobState::Scheduled as i32);
+            }
+            assert_eq!(stored.sequence, enqueued.sequence);
+            let previous = last_sequence.insert(job.queue.clone(), enqueued.sequence).unwrap_or(0);
+            assert!(enqueued.sequence > previous, "sequences of {} follow the request order", job.queue);
         }
-        assert_eq!(stored.sequence, enqueued.sequence);
-        let previous = last_sequence.insert(job.queue.clone(), enqueued.sequence).unwrap_or(0);
-        assert!(enqueued.sequence > previous, "sequences of {} follow the request order", job.queue);
     }
     broker.finish().await
 }
