@@ -159,7 +159,7 @@ impl Admin for AdminService {
             .job_ids
             .iter()
             .enumerate()
-            .map(|(index, id)| validate::job_id(format!("job_ids[{index}]").as_str(), id))
+            .map(|(index, id)| validate::job_id(validate::Field::element("job_ids", index), id))
             .collect::<Result<Vec<i64>, Error>>()?;
         let max_attempts = match request.max_attempts {
             0 => None,

@@ -59,6 +59,11 @@ impl<'a> Field<'a> {
     pub const fn of_item(list: &'a str, index: usize, name: &'a str) -> Self {
         Self { item: Some((list, index)), name }
     }
+
+    /// Element `index` of the request's list `list` itself.
+    pub const fn element(list: &'a str, index: usize) -> Self {
+        Self { item: Some((list, index)), name: "" }
+    }
 }
 
 impl<'a> From<&'a str> for Field<'a> {
@@ -70,6 +75,7 @@ impl<'a> From<&'a str> for Field<'a> {
 impl fmt::Display for Field<'_> {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.item {
+            Some((list, index)) if self.name.is_empty() => write!(formatter, "{list}[{index}]"),
             Some((list, index)) => write!(formatter, "{list}[{index}].{}", self.name),
             None => formatter.write_str(self.name),
         }
@@ -234,13 +240,13 @@ pub fn open_lease(open: &v1::OpenLease) -> Result<OpenLease> {
         return Err(Error::invalid("open.queues", format!("must name 1 to {MAX_STREAM_FILTERS} queues")));
     }
     for (index, queue) in open.queues.iter().enumerate() {
-        name(format!("open.queues[{index}]").as_str(), queue)?;
+        name(Field::element("open.queues", index), queue)?;
     }
     if open.kinds.len() > MAX_STREAM_FILTERS {
         return Err(Error::invalid("open.kinds", format!("must name at most {MAX_STREAM_FILTERS} kinds")));
     }
     for (index, kind) in open.kinds.iter().enumerate() {
-        name(format!("open.kinds[{index}]").as_str(), kind)?;
+        name(Field::element("open.kinds", index), kind)?;
     }
     if open.max_in_flight == 0 || open.max_in_flight > MAX_WINDOW_STEP {
         return Err(Error::invalid("open.max_in_flight", format!("must be 1 to {MAX_WINDOW_STEP}")));
@@ -362,6 +368,23 @@ mod tests {
         assert_eq!(field(lease_ref(Some(("leases", 2)), "x", &token)), "leases[2].job_id");
         assert_eq!(field(lease_ref(Some(("leases", 0)), "42", "x")), "leases[0].lease_token");
         assert_eq!(field(lease_ref(None, "", &token)), "job_id");
+    }
+
+    #[test]
+    fn fields_are_spelled_as_the_request_nests_them() {
+        assert_eq!(Field::from("queue").to_string(), "queue");
+        assert_eq!(Field::of_item("jobs", 3, "queue").to_string(), "jobs[3].queue");
+        assert_eq!(Field::element("open.kinds", 1).to_string(), "open.kinds[1]");
+        let open = v1::OpenLease {
+            worker_id: "w".into(),
+            queues: vec!["ok".into(), "not ok".into()],
+            max_in_flight: 1,
+            ..Default::default()
+        };
+        match open_lease(&open) {
+            Err(Error::Invalid { field, .. }) => assert_eq!(field, "open.queues[1]"),
+            other => panic!("expected a validation error, got {other:?}"),
+        }
     }
 
     #[test]
