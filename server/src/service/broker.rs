@@ -283,7 +283,19 @@ impl BrokerService {
 #[tonic::async_trait]
 impl Broker for BrokerService {
     async fn enqueue(&self, request: Request<v1::EnqueueRequest>) -> Result<Response<v1::EnqueueResponse>, Status> {
-        let jobs = validate::enqueue(request.get_ref(), self.shared.limits)?;
+        let request = request.into_inner();
+        // The jobs' spans, made after the enqueue, need each job's queue and
+        // traceparent; the records take over the request's strings.
+        let traced: Vec<(String, Option<String>)> = if telemetry::traces_enabled() {
+            request
+                .jobs
+                .iter()
+                .map(|job| (job.queue.clone(), job.attributes.get(telemetry::TRACEPARENT).cloned()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let jobs = validate::enqueue(request, self.shared.limits)?;
         let count = jobs.len();
         let mut queues: Vec<&str> = jobs.iter().map(|job| job.queue.as_str()).collect();
         queues.sort_unstable();
@@ -293,11 +305,11 @@ impl Broker for BrokerService {
         tracing::debug!(jobs = count, "enqueued");
         telemetry::record_job_steps(
             JobStep::Create,
-            request.get_ref().jobs.iter().zip(&enqueued).filter(|(_, record)| !record.deduplicated).map(
-                |(job, record)| JobRef {
+            traced.iter().zip(&enqueued).filter(|(_, record)| !record.deduplicated).map(
+                |((queue, traceparent), record)| JobRef {
                     job_id: record.job_id,
-                    queue: &job.queue,
-                    traceparent: job.attributes.get(telemetry::TRACEPARENT).map(String::as_str),
+                    queue,
+                    traceparent: traceparent.as_deref(),
                 },
             ),
         );

@@ -132,11 +132,11 @@ pub fn duration_in<'a>(
     Ok(duration)
 }
 
-fn key(field: Field<'_>, value: &str) -> Result<Option<String>> {
+fn key(field: Field<'_>, value: String) -> Result<Option<String>> {
     if value.len() > MAX_KEY_BYTES {
         return Err(invalid(field, format!("must be at most {MAX_KEY_BYTES} bytes")));
     }
-    Ok((!value.is_empty()).then(|| value.to_owned()))
+    Ok((!value.is_empty()).then_some(value))
 }
 
 fn attributes(field: Field<'_>, attributes: &HashMap<String, String>) -> Result<String> {
@@ -164,16 +164,17 @@ fn attributes(field: Field<'_>, attributes: &HashMap<String, String>) -> Result<
     Ok(serde_json::Value::Object(object).to_string())
 }
 
-/// Checks an Enqueue request and turns it into records.
-pub fn enqueue(request: &v1::EnqueueRequest, limits: Limits) -> Result<Vec<NewJobRecord>> {
+/// Checks an Enqueue request and turns it into records, which take over
+/// its strings and payloads.
+pub fn enqueue(request: v1::EnqueueRequest, limits: Limits) -> Result<Vec<NewJobRecord>> {
     if request.jobs.is_empty() || request.jobs.len() > MAX_JOBS_PER_ENQUEUE {
         return Err(Error::invalid("jobs", format!("must have 1 to {MAX_JOBS_PER_ENQUEUE} jobs")));
     }
-    request.jobs.iter().enumerate().map(|(index, job)| new_job(index, job, limits)).collect()
+    request.jobs.into_iter().enumerate().map(|(index, job)| new_job(index, job, limits)).collect()
 }
 
 /// Checks `jobs[index]` of an Enqueue request.
-fn new_job(index: usize, job: &v1::NewJob, limits: Limits) -> Result<NewJobRecord> {
+fn new_job(index: usize, job: v1::NewJob, limits: Limits) -> Result<NewJobRecord> {
     let field = |name| Field::of_item("jobs", index, name);
     name(field("queue"), &job.queue)?;
     name(field("kind"), &job.kind)?;
@@ -209,15 +210,15 @@ fn new_job(index: usize, job: &v1::NewJob, limits: Limits) -> Result<NewJobRecor
         .map(|lease| duration_in(field("lease_duration"), lease, MIN_LEASE, MAX_LEASE))
         .transpose()?;
     Ok(NewJobRecord {
-        queue: job.queue.clone(),
-        kind: job.kind.clone(),
-        payload: job.payload.clone(),
         attributes_json: attributes(field("attributes"), &job.attributes)?,
+        ordering_key: key(field("ordering_key"), job.ordering_key)?,
+        dedup_key: key(field("dedup_key"), job.dedup_key)?,
+        queue: job.queue,
+        kind: job.kind,
+        payload: job.payload,
         priority: job.priority,
         run_at,
         max_attempts,
-        ordering_key: key(field("ordering_key"), &job.ordering_key)?,
-        dedup_key: key(field("dedup_key"), &job.dedup_key)?,
         lease_duration,
     })
 }
@@ -312,24 +313,24 @@ mod tests {
         let mut bad_kind = job();
         bad_kind.kind = "has space".into();
         let request = v1::EnqueueRequest { jobs: vec![job(), bad_kind] };
-        assert_eq!(field_of(enqueue(&request, LIMITS)), "jobs[1].kind");
+        assert_eq!(field_of(enqueue(request, LIMITS)), "jobs[1].kind");
 
         let mut big = job();
         big.payload = vec![0; 1025];
-        assert_eq!(field_of(enqueue(&v1::EnqueueRequest { jobs: vec![big] }, LIMITS)), "jobs[0].payload");
+        assert_eq!(field_of(enqueue(v1::EnqueueRequest { jobs: vec![big] }, LIMITS)), "jobs[0].payload");
 
         let mut both = job();
         both.run_at = Some(prost_types::Timestamp { seconds: 1, nanos: 0 });
         both.delay = Some(prost_types::Duration { seconds: 1, nanos: 0 });
-        assert_eq!(field_of(enqueue(&v1::EnqueueRequest { jobs: vec![both] }, LIMITS)), "jobs[0].run_at");
+        assert_eq!(field_of(enqueue(v1::EnqueueRequest { jobs: vec![both] }, LIMITS)), "jobs[0].run_at");
 
         let mut negative = job();
         negative.delay = Some(prost_types::Duration { seconds: -1, nanos: 0 });
-        assert_eq!(field_of(enqueue(&v1::EnqueueRequest { jobs: vec![negative] }, LIMITS)), "jobs[0].delay");
+        assert_eq!(field_of(enqueue(v1::EnqueueRequest { jobs: vec![negative] }, LIMITS)), "jobs[0].delay");
 
-        assert_eq!(field_of(enqueue(&v1::EnqueueRequest { jobs: vec![] }, LIMITS)), "jobs");
+        assert_eq!(field_of(enqueue(v1::EnqueueRequest { jobs: vec![] }, LIMITS)), "jobs");
         let too_many = v1::EnqueueRequest { jobs: vec![job(); MAX_JOBS_PER_ENQUEUE + 1] };
-        assert_eq!(field_of(enqueue(&too_many, LIMITS)), "jobs");
+        assert_eq!(field_of(enqueue(too_many, LIMITS)), "jobs");
     }
 
     #[test]
@@ -340,7 +341,7 @@ mod tests {
         full.dedup_key = "publish:serde:1.0.0".into();
         full.max_attempts = 3;
         full.delay = Some(prost_types::Duration { seconds: 5, nanos: 0 });
-        let records = enqueue(&v1::EnqueueRequest { jobs: vec![full] }, LIMITS).expect("valid");
+        let records = enqueue(v1::EnqueueRequest { jobs: vec![full] }, LIMITS).expect("valid");
         assert_eq!(records[0].max_attempts, Some(3));
         assert_eq!(records[0].run_at, RunAt::After(Duration::from_secs(5)));
         assert_eq!(records[0].ordering_key.as_deref(), Some("crate:serde"));
@@ -389,16 +390,16 @@ mod tests {
 
     #[test]
     fn attributes_become_a_json_object() {
-        let records = enqueue(&v1::EnqueueRequest { jobs: vec![job()] }, LIMITS).expect("valid");
+        let records = enqueue(v1::EnqueueRequest { jobs: vec![job()] }, LIMITS).expect("valid");
         assert_eq!(records[0].attributes_json, "{}");
         let mut with = job();
         with.attributes.insert("team".into(), "search \"core\"".into());
-        let records = enqueue(&v1::EnqueueRequest { jobs: vec![with] }, LIMITS).expect("valid");
+        let records = enqueue(v1::EnqueueRequest { jobs: vec![with] }, LIMITS).expect("valid");
         let parsed: serde_json::Value = serde_json::from_str(&records[0].attributes_json).expect("json");
         assert_eq!(parsed, serde_json::json!({ "team": "search \"core\"" }));
         let mut nul = job();
         nul.attributes.insert("k".into(), "a\0b".into());
-        assert_eq!(field_of(enqueue(&v1::EnqueueRequest { jobs: vec![job(), nul] }, LIMITS)), "jobs[1].attributes");
+        assert_eq!(field_of(enqueue(v1::EnqueueRequest { jobs: vec![job(), nul] }, LIMITS)), "jobs[1].attributes");
     }
 
     #[test]
