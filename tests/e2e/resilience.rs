@@ -110,3 +110,38 @@ async fn a_graceful_shutdown_lets_acks_land_then_releases_the_rest() -> Result<(
     pool.close().await;
     broker.database.drop_database().await
 }
+
+/// The broker keeps its hot statements' connections between statements
+/// instead of round-tripping to the database around each; one that died
+/// while idle (here: every backend of the broker terminated during a quiet
+/// second) is found out before use, so callers see no error.
+#[tokio::test]
+async fn connections_that_died_in_a_quiet_spell_are_replaced_before_use() -> Result<()> {
+    let broker = TestBroker::start().await?;
+    let mut client = broker.broker().await;
+    enqueue(&mut client, vec![new_job("quiet", "k")]).await?;
+    let mut worker = Worker::on(&mut client, &["quiet"], 10).await?;
+    let first = worker.take_jobs(1, Duration::from_secs(5)).await?;
+    let acked = ack_all(&mut client, vec![ack_of(&first[0])]).await?;
+    assert_eq!(acked[0].outcome, v1::Outcome::Ok as i32);
+
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let pool = broker.database.pool().await?;
+    let terminated: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+          WHERE datname = current_database() AND application_name = 'workbroker'",
+    )
+    .fetch_all(&pool)
+    .await?;
+    assert!(!terminated.is_empty() && terminated.iter().all(|done| *done), "{terminated:?}");
+
+    // Every statement of this round would run on a terminated backend if
+    // the kept connections were used unchecked.
+    let ids = enqueue(&mut client, vec![new_job("quiet", "k")]).await?;
+    let next = worker.take_jobs(1, Duration::from_secs(10)).await?;
+    assert_eq!(id_of(&next[0]), ids[0]);
+    let acked = ack_all(&mut client, vec![ack_of(&next[0])]).await?;
+    assert_eq!(acked[0].outcome, v1::Outcome::Ok as i32);
+    pool.close().await;
+    broker.finish().await
+}

@@ -290,7 +290,9 @@ impl Store {
             self.insert_plain_jobs(jobs).await?
         } else if jobs.iter().all(|job| job.dedup_key.is_none()) {
             let all: Vec<usize> = (0..jobs.len()).collect();
-            let rows = self.insert_jobs(self.batch(), jobs, &all, handoffs).await?;
+            let mut connection = self.batch().await?;
+            let rows = self.insert_jobs(&mut *connection, jobs, &all, handoffs).await;
+            let rows = checked_inserted_rows(connection.settle(rows)?, all.len())?;
             rows.iter().map(InsertedRow::record).collect()
         } else {
             self.jobs_enqueue_with_dedup(jobs).await?
@@ -328,7 +330,8 @@ impl Store {
             if pending.is_empty() {
                 break;
             }
-            let rows = self.insert_jobs(&mut *transaction, jobs, &pending, &[]).await?;
+            let rows =
+                checked_inserted_rows(self.insert_jobs(&mut *transaction, jobs, &pending, &[]).await?, pending.len())?;
             let mut conflicted: Vec<usize> = Vec::new();
             for (index, row) in pending.drain(..).zip(rows) {
                 if row.inserted {
@@ -400,7 +403,7 @@ impl Store {
         jobs: &[NewJobRecord],
         indexes: &[usize],
         handoffs: &[Option<Handoff<'_>>],
-    ) -> Result<Vec<InsertedRow>> {
+    ) -> sqlx::Result<Vec<InsertedRow>> {
         let count = indexes.len();
         let mut handoff_workers: Vec<Option<&str>> = Vec::with_capacity(count);
         let mut handoff_lease_micros: Vec<Option<i64>> = Vec::with_capacity(count);
@@ -410,7 +413,7 @@ impl Store {
             handoff_lease_micros.push(handoff.and_then(|handoff| handoff.lease_duration).map(micros));
         }
         let columns = JobColumns::new(indexes.iter().map(|index| &jobs[*index]));
-        let mut rows: Vec<InsertedRow> = sqlx::query_as(
+        sqlx::query_as(
             "SELECT * FROM workbroker.enqueue_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
         )
         .bind(columns.queues)
@@ -428,16 +431,7 @@ impl Store {
         .bind(unless_all(handoff_lease_micros, Option::is_none))
         .bind(None::<&str>)
         .fetch_all(executor)
-        .await?;
-        // The function answers in input order in practice; nothing in SQL
-        // promises it without a sort, so check (cheap) rather than trust.
-        if !rows.is_sorted_by_key(|row| row.place) {
-            rows.sort_unstable_by_key(|row| row.place);
-        }
-        if rows.len() != count {
-            return Err(Error::Conflict(format!("enqueue answered {} rows for {count} jobs", rows.len())));
-        }
-        Ok(rows)
+        .await
     }
 
     /// Inserts `jobs`, none of which has an ordering key or a dedup key, as
@@ -447,7 +441,8 @@ impl Store {
     async fn insert_plain_jobs(&self, jobs: &[NewJobRecord]) -> Result<Vec<EnqueuedRecord>> {
         let count = jobs.len();
         let columns = JobColumns::new(jobs.iter());
-        let mut rows: Vec<(i64, i64)> =
+        let mut connection = self.batch().await?;
+        let rows: sqlx::Result<Vec<(i64, i64)>> =
             sqlx::query_as("SELECT * FROM workbroker.enqueue_plain_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9)")
                 .bind(columns.queues)
                 .bind(columns.kinds)
@@ -458,8 +453,9 @@ impl Store {
                 .bind(columns.lease_micros)
                 .bind(columns.payloads)
                 .bind(columns.attributes)
-                .fetch_all(self.batch())
-                .await?;
+                .fetch_all(&mut *connection)
+                .await;
+        let mut rows = connection.settle(rows)?;
         if rows.len() != count {
             return Err(Error::Conflict(format!("enqueue answered {} rows for {count} jobs", rows.len())));
         }
@@ -483,6 +479,7 @@ impl Store {
     /// candidate is still checked, since an unblocked keyed job is only
     /// probably its key's head.
     pub async fn jobs_lease(&self, params: &LeaseParams<'_>) -> Result<Vec<JobRecord>> {
+        let mut connection = self.hot().await?;
         let rows = sqlx::query_as::<_, JobRecord>(concat!(
             "WITH open_queues AS ( \
                  SELECT name, lease_duration FROM workbroker.queues \
@@ -526,9 +523,9 @@ impl Store {
         .bind(params.lease_duration.map(micros))
         .bind(params.worker_id)
         .bind(params.shards)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows)
+        .fetch_all(&mut *connection)
+        .await;
+        Ok(connection.settle(rows)?)
     }
 
     /// Time until the next waiting job of these queues (and kinds) becomes
@@ -543,7 +540,8 @@ impl Store {
     /// Blocked jobs do not count: the finish of their key's head wakes the
     /// queue.
     pub async fn jobs_next_due(&self, queues: &[String], kinds: &[String]) -> Result<Option<Duration>> {
-        let micros_until: Option<i64> = sqlx::query_scalar(concat!(
+        let mut connection = self.hot().await?;
+        let micros_until: sqlx::Result<Option<i64>> = sqlx::query_scalar(concat!(
             "WITH RECURSIVE priorities AS ( \
                  SELECT q.name AS queue, \
                         (SELECT j.priority FROM workbroker.jobs j \
@@ -577,8 +575,9 @@ impl Store {
         ))
         .bind(queues)
         .bind(kinds)
-        .fetch_one(&self.pool)
-        .await?;
+        .fetch_one(&mut *connection)
+        .await;
+        let micros_until = connection.settle(micros_until)?;
         Ok(micros_until.map(|value| Duration::from_micros(u64::try_from(value).unwrap_or(0))))
     }
 
@@ -589,7 +588,8 @@ impl Store {
         let ids: Vec<i64> = items.iter().map(|item| item.job_id).collect();
         let tokens: Vec<Uuid> = items.iter().map(|item| item.lease_token).collect();
         let results: Vec<&[u8]> = items.iter().map(|item| item.result.as_slice()).collect();
-        let rows: Vec<(i16, Option<String>)> = sqlx::query_as(concat!(
+        let mut connection = self.batch().await?;
+        let rows: sqlx::Result<Vec<(i16, Option<String>)>> = sqlx::query_as(concat!(
             "WITH input AS ( \
                  SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::bytea[]) WITH ORDINALITY \
                      AS i(id, token, result, position)), \
@@ -620,8 +620,9 @@ impl Store {
         .bind(&ids)
         .bind(&tokens)
         .bind(&results)
-        .fetch_all(self.batch())
-        .await?;
+        .fetch_all(&mut *connection)
+        .await;
+        let rows = connection.settle(rows)?;
         Ok(Settled::collect(rows.into_iter().map(|(outcome, unblocked)| (settle_outcome(outcome), unblocked))))
     }
 
@@ -635,7 +636,8 @@ impl Store {
         let errors: Vec<&str> = items.iter().map(|item| item.error.as_str()).collect();
         let retry_after: Vec<Option<i64>> = items.iter().map(|item| item.retry_after.map(micros)).collect();
         let permanent: Vec<bool> = items.iter().map(|item| item.permanent).collect();
-        let rows: Vec<(i16, i16, Option<String>)> = sqlx::query_as(concat!(
+        let mut connection = self.batch().await?;
+        let rows: sqlx::Result<Vec<(i16, i16, Option<String>)>> = sqlx::query_as(concat!(
             "WITH input AS ( \
                  SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::boolean[]) \
                      WITH ORDINALITY AS i(id, token, error, retry_after_us, permanent, position)), \
@@ -686,8 +688,9 @@ impl Store {
         .bind(&errors)
         .bind(&retry_after)
         .bind(&permanent)
-        .fetch_all(self.batch())
-        .await?;
+        .fetch_all(&mut *connection)
+        .await;
+        let rows = connection.settle(rows)?;
         Ok(Settled::collect(rows.into_iter().map(|(outcome, next_state, wake)| {
             (NackResult { outcome: settle_outcome(outcome), next_state: (next_state != 0).then_some(next_state) }, wake)
         })))
@@ -698,7 +701,8 @@ impl Store {
         let ids: Vec<i64> = items.iter().map(|item| item.job_id).collect();
         let tokens: Vec<Uuid> = items.iter().map(|item| item.lease_token).collect();
         let extend: Vec<i64> = items.iter().map(|item| micros(item.extend_by)).collect();
-        let rows: Vec<(i16, Option<DateTime<Utc>>)> = sqlx::query_as(
+        let mut connection = self.hot().await?;
+        let rows: sqlx::Result<Vec<(i16, Option<DateTime<Utc>>)>> = sqlx::query_as(
             "WITH input AS ( \
                  SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::bigint[]) WITH ORDINALITY \
                      AS i(id, token, extend_us, position)), \
@@ -721,8 +725,9 @@ impl Store {
         .bind(&ids)
         .bind(&tokens)
         .bind(&extend)
-        .fetch_all(&self.pool)
-        .await?;
+        .fetch_all(&mut *connection)
+        .await;
+        let rows = connection.settle(rows)?;
         Ok(rows
             .into_iter()
             .map(|(outcome, lease_expires_at)| ExtendResult { outcome: settle_outcome(outcome), lease_expires_at })
@@ -744,6 +749,7 @@ impl Store {
         }
         let ids: Vec<i64> = leases.iter().map(|lease| lease.job_id).collect();
         let tokens: Vec<Uuid> = leases.iter().map(|lease| lease.lease_token).collect();
+        let mut connection = self.hot().await?;
         let rows = sqlx::query_as::<_, ReturnedJob>(return_leases!(
             "SELECT u.id, u.token FROM unnest($1::bigint[], $3::uuid[]) AS u(id, token)",
             "$4"
@@ -752,9 +758,9 @@ impl Store {
         .bind(reason)
         .bind(&tokens)
         .bind(attempt == ReleaseAttempt::Refunded)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows)
+        .fetch_all(&mut *connection)
+        .await;
+        Ok(connection.settle(rows)?)
     }
 
     /// Returns up to `limit` leases that expired (by the database clock) to
@@ -959,14 +965,16 @@ impl Store {
     /// connection too, and look again when they reconnect).
     pub async fn notify_many<Payload: AsRef<str>>(&self, channel: &str, payloads: &[Payload]) -> Result<()> {
         let payloads: Vec<&str> = payloads.iter().map(AsRef::as_ref).collect();
-        sqlx::query(
+        let mut connection = self.hot().await?;
+        let done = sqlx::query(
             "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, p.payload) \
                FROM unnest($2::text[]) AS p(payload)",
         )
         .bind(channel)
         .bind(&payloads)
-        .execute(&self.pool)
-        .await?;
+        .execute(&mut *connection)
+        .await;
+        connection.settle(done)?;
         Ok(())
     }
 
@@ -978,6 +986,19 @@ impl Store {
         let payloads: Vec<String> = queues.iter().map(|queue| format!("{queue}{}", self.notify_suffix())).collect();
         self.notify_many(super::JOBS_CHANNEL, &payloads).await
     }
+}
+
+/// The rows `enqueue_jobs` answered for `count` jobs, in input order.
+fn checked_inserted_rows(mut rows: Vec<InsertedRow>, count: usize) -> Result<Vec<InsertedRow>> {
+    // The function answers in input order in practice; nothing in SQL
+    // promises it without a sort, so check (cheap) rather than trust.
+    if !rows.is_sorted_by_key(|row| row.place) {
+        rows.sort_unstable_by_key(|row| row.place);
+    }
+    if rows.len() != count {
+        return Err(Error::Conflict(format!("enqueue answered {} rows for {count} jobs", rows.len())));
+    }
+    Ok(rows)
 }
 
 fn settle_outcome(code: i16) -> SettleOutcome {

@@ -27,6 +27,7 @@ mod jobs;
 pub mod maintenance;
 pub mod observe;
 mod queues;
+mod warm;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,6 +39,7 @@ use uuid::Uuid;
 
 pub use error::{Error, Result};
 pub use queues::{QueueRecord, QueueSettingsPatch, QueueStatsRecord, QueueWatermark};
+use warm::{WarmConnection, WarmPool};
 
 /// Channel carrying the name of a queue that may have new or changed work.
 pub const JOBS_CHANNEL: &str = "workbroker_jobs";
@@ -52,9 +54,13 @@ pub struct Store {
     /// The hot path's connections: every statement prepared once, its
     /// generic plan kept.
     pool: PgPool,
+    /// `pool`, with the connections its hot statements (lease, extend,
+    /// release, notify) keep between them (see [`warm`]).
+    hot: Arc<WarmPool>,
     /// The group-commit statements' own few connections (enqueue, ack,
-    /// nack; see [`StoreConfig::batch_connections`]); `None`: they use `pool`.
-    batch: Option<PgPool>,
+    /// nack; see [`StoreConfig::batch_connections`]), kept between
+    /// statements too; `None`: they use `hot`.
+    batch: Option<Arc<WarmPool>>,
     /// A few connections planning each statement with its actual
     /// parameters, for statements off the hot path whose best plan depends
     /// on a LIMIT parameter (the reaper's, listings): under a generic plan
@@ -132,21 +138,31 @@ impl Store {
             .acquire_timeout(config.acquire_timeout)
             .connect_lazy_with(generic.clone());
         let batch = (batch_connections > 0).then(|| {
-            PgPoolOptions::new()
-                .max_connections(batch_connections)
-                .acquire_timeout(config.acquire_timeout)
-                .connect_lazy_with(generic)
+            Arc::new(WarmPool::new(
+                PgPoolOptions::new()
+                    .max_connections(batch_connections)
+                    .acquire_timeout(config.acquire_timeout)
+                    .connect_lazy_with(generic),
+            ))
         });
         let planned = PgPoolOptions::new()
             .max_connections(PLANNED_CONNECTIONS)
             .acquire_timeout(config.acquire_timeout)
             .connect_lazy_with(options);
-        Ok(Self { pool, batch, planned, notify_suffix: new_notify_suffix(), growth: Arc::default() })
+        let hot = Arc::new(WarmPool::new(pool.clone()));
+        Ok(Self { pool, hot, batch, planned, notify_suffix: new_notify_suffix(), growth: Arc::default() })
     }
 
     /// Wraps an existing pool (tests): all statements use it.
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { planned: pool.clone(), batch: None, pool, notify_suffix: new_notify_suffix(), growth: Arc::default() }
+        Self {
+            planned: pool.clone(),
+            hot: Arc::new(WarmPool::new(pool.clone())),
+            batch: None,
+            pool,
+            notify_suffix: new_notify_suffix(),
+            growth: Arc::default(),
+        }
     }
 
     /// Counts inserted jobs; every [`GROWTH_NUDGE_JOBS`] of them wake
@@ -177,20 +193,27 @@ impl Store {
         &self.pool
     }
 
-    /// The connections of the group-commit statements.
-    fn batch(&self) -> &PgPool {
-        self.batch.as_ref().unwrap_or(&self.pool)
+    /// A connection for a hot statement (see [`warm`]).
+    async fn hot(&self) -> sqlx::Result<WarmConnection<'_>> {
+        self.hot.acquire().await
+    }
+
+    /// A connection for a group-commit statement (see [`warm`]).
+    async fn batch(&self) -> sqlx::Result<WarmConnection<'_>> {
+        self.batch.as_deref().unwrap_or(&self.hot).acquire().await
     }
 
     /// Open and idle connections of the hot path's pools, and the most they
-    /// open together.
+    /// open together. Connections kept between statements count as idle.
     pub fn connection_counts(&self) -> ConnectionCounts {
-        let pools = std::iter::once(&self.pool).chain(&self.batch);
+        let pools = std::iter::once(&self.hot).chain(&self.batch);
         let mut counts = ConnectionCounts::default();
-        for pool in pools {
+        for warm in pools {
+            let pool = warm.pool();
             let open = pool.size();
+            let idle = pool.num_idle().saturating_add(warm.kept_count());
             counts.open += open;
-            counts.idle += u32::try_from(pool.num_idle()).unwrap_or(u32::MAX).min(open);
+            counts.idle += u32::try_from(idle).unwrap_or(u32::MAX).min(open);
             counts.max += pool.options().get_max_connections();
         }
         counts
@@ -199,7 +222,7 @@ impl Store {
     /// Closes the hot path's pools: waits for their connections to come
     /// back and closes them.
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.hot.close().await;
         if let Some(batch) = &self.batch {
             batch.close().await;
         }

@@ -1,0 +1,201 @@
+//! Connections kept out of their pool between the hot path's statements.
+//!
+//! sqlx's pool makes two empty round trips to PostgreSQL around every
+//! statement it lends a connection to: a ping when the connection comes back
+//! (always) and another when it is lent again (`test_before_acquire`). A
+//! lease, ack or enqueue statement thus took three round trips, and the two
+//! empty ones cost the broker and the backend CPU and the caller latency.
+//!
+//! A [`WarmPool`] keeps connections checked out of their pool between
+//! statements: a statement takes the one used last (its backend is warm)
+//! and gives it back when the statement ended cleanly. What the pings
+//! guarded against is kept where it matters:
+//!
+//! - a connection whose statement failed other than with an ordinary
+//!   database error (I/O, protocol, decoding, a terminated backend), or
+//!   whose statement was cancelled (the guard dropped before
+//!   [`WarmConnection::settle`]), goes back to the pool, which pings it and
+//!   closes it when it is broken;
+//! - a connection idle for [`PING_AFTER_IDLE`] or longer is pinged before
+//!   use, as pgx's pool does, so that the first statement after a quiet
+//!   spell or a database restart does not fail on a dead connection;
+//! - a connection goes back to the pool after [`RETURN_AFTER`] out of it,
+//!   so that the pool's lifetime and idle limits still apply to it.
+
+use std::fmt;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
+
+/// Idle time after which a kept connection is pinged before use.
+pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// Time out of the pool after which a connection goes back to it.
+pub const RETURN_AFTER: Duration = Duration::from_secs(60);
+
+/// A pool and the connections kept out of it (see the module docs).
+pub struct WarmPool {
+    pool: PgPool,
+    kept: Mutex<Vec<Kept>>,
+}
+
+struct Kept {
+    connection: PoolConnection<Postgres>,
+    /// When it was taken out of the pool.
+    taken: Instant,
+    /// When its last statement ended.
+    idle_since: Instant,
+}
+
+impl fmt::Debug for WarmPool {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.debug_struct("WarmPool").field("pool", &self.pool).field("kept", &self.kept_count()).finish()
+    }
+}
+
+impl WarmPool {
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool, kept: Mutex::new(Vec::new()) }
+    }
+
+    /// The pool behind.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Connections kept idle out of the pool.
+    pub fn kept_count(&self) -> usize {
+        self.kept().len()
+    }
+
+    fn kept(&self) -> MutexGuard<'_, Vec<Kept>> {
+        self.kept.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The connection used last, pinged first if it was idle for
+    /// [`PING_AFTER_IDLE`]; a connection from the pool when none is kept.
+    pub async fn acquire(&self) -> sqlx::Result<WarmConnection<'_>> {
+        loop {
+            let Some(kept) = self.kept().pop() else { break };
+            let mut connection =
+                WarmConnection { home: self, connection: Some(kept.connection), taken: kept.taken, reusable: false };
+            if kept.idle_since.elapsed() < PING_AFTER_IDLE {
+                return Ok(connection);
+            }
+            match connection.ping().await {
+                Ok(()) => return Ok(connection),
+                Err(error) => tracing::info!(%error, "a kept database connection failed its ping; closing it"),
+            }
+        }
+        let connection = self.pool.acquire().await?;
+        Ok(WarmConnection { home: self, connection: Some(connection), taken: Instant::now(), reusable: false })
+    }
+
+    /// Marks the pool closed and gives every kept connection back to it,
+    /// so that `close` finds them all; connections in use then go back to
+    /// the pool too.
+    pub async fn close(&self) {
+        let closing = self.pool.close();
+        let kept = std::mem::take(&mut *self.kept());
+        drop(kept);
+        closing.await;
+    }
+}
+
+impl Drop for WarmPool {
+    fn drop(&mut self) {
+        // Giving a connection back to the pool spawns a task; without a
+        // runtime (the store dropped after it) close the connections here.
+        if tokio::runtime::Handle::try_current().is_err() {
+            for kept in std::mem::take(&mut *self.kept()) {
+                drop(kept.connection.detach());
+            }
+        }
+    }
+}
+
+/// A connection lent by a [`WarmPool`]. It is kept for the next statement
+/// only once [`WarmConnection::settle`] saw its statement end cleanly;
+/// dropped otherwise, it goes back to the pool.
+pub struct WarmConnection<'a> {
+    home: &'a WarmPool,
+    connection: Option<PoolConnection<Postgres>>,
+    taken: Instant,
+    reusable: bool,
+}
+
+impl WarmConnection<'_> {
+    /// Takes the result of the statement run on this connection: the
+    /// connection is kept for the next one when the statement succeeded or
+    /// failed with an error that leaves the connection sound.
+    pub fn settle<T>(mut self, result: sqlx::Result<T>) -> sqlx::Result<T> {
+        self.reusable = match &result {
+            Ok(_) => true,
+            Err(error) => leaves_connection_sound(error),
+        };
+        result
+    }
+}
+
+/// Whether the connection a statement failed on can run the next one: the
+/// database refused the statement and said so (the connection then reads
+/// up to the end of the statement's answer), and did not end the session.
+fn leaves_connection_sound(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(database_error) => {
+            let code = database_error.code().unwrap_or_default();
+            // connection_exception class, operator_intervention (a
+            // terminated backend or a shutdown), too_many_connections.
+            !(code.starts_with("08") || code.starts_with("57") || code == "53300")
+        }
+        _ => false,
+    }
+}
+
+impl Deref for WarmConnection<'_> {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        // Present from construction until drop.
+        self.connection.as_deref().unwrap_or_else(|| unreachable!("a warm connection is present until dropped"))
+    }
+}
+
+impl DerefMut for WarmConnection<'_> {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        self.connection.as_deref_mut().unwrap_or_else(|| unreachable!("a warm connection is present until dropped"))
+    }
+}
+
+impl Drop for WarmConnection<'_> {
+    fn drop(&mut self) {
+        let Some(connection) = self.connection.take() else { return };
+        if !self.reusable || self.taken.elapsed() >= RETURN_AFTER {
+            return;
+        }
+        let mut kept = self.home.kept();
+        // Checked under the lock `close` drains under: a connection kept
+        // after the drain would keep the pool's `close` waiting.
+        if self.home.pool.is_closed() {
+            drop(kept);
+            return;
+        }
+        kept.push(Kept { connection, taken: self.taken, idle_since: Instant::now() });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_database_errors_that_keep_the_session_keep_the_connection() {
+        assert!(!leaves_connection_sound(&sqlx::Error::Io(std::io::Error::other("reset"))));
+        assert!(!leaves_connection_sound(&sqlx::Error::Protocol("unexpected message".to_owned())));
+        assert!(!leaves_connection_sound(&sqlx::Error::RowNotFound));
+        assert!(!leaves_connection_sound(&sqlx::Error::PoolTimedOut));
+    }
+}
