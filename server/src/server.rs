@@ -28,7 +28,7 @@ use crate::dispatch::listener::NotificationListener;
 use crate::reaper::ReaperConfig;
 use crate::service::validate::Limits;
 use crate::service::{AdminService, BatcherSettings, Batchers, BrokerService, Shared};
-use crate::store::{self, Store, StoreConfig};
+use crate::store::{self, KeptConnectionSweeper, Store, StoreConfig};
 use crate::vacuum::VacuumConfig;
 
 /// Everything a broker needs to run.
@@ -163,6 +163,7 @@ pub async fn run_with_admin_listener(
     let dispatcher = Dispatcher::with_metrics(store.clone(), metrics.clone());
     background.spawn(NotificationListener::new(store.clone(), dispatcher.clone()).run(background_stop.clone()));
     background.spawn(dispatcher.announcer().run(background_stop.clone()));
+    background.spawn(KeptConnectionSweeper::new(store.clone()).run(background_stop.clone()));
     let batchers = Batchers::start(&store, &dispatcher, config.batchers, &background, &background_stop, &metrics);
     background.spawn(MetricsRefresher::new(store.clone(), metrics.clone()).run(background_stop.clone()));
 

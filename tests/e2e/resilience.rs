@@ -145,3 +145,41 @@ async fn connections_that_died_in_a_quiet_spell_are_replaced_before_use() -> Res
     pool.close().await;
     broker.finish().await
 }
+
+/// Kept connections never starve the pool's other users: at the pool's
+/// limit a hot statement's connection goes back to the pool instead, and
+/// kept connections left idle go back when swept.
+#[tokio::test]
+async fn kept_connections_do_not_starve_the_pools_other_users() -> Result<()> {
+    use workbroker_server::store::Store;
+    let broker = TestBroker::start().await?;
+    let queues = vec!["kept".to_owned()];
+
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect(&broker.database.url)
+        .await?;
+    let store = Store::from_pool(one.clone());
+    // A hot statement (the announcement), then one that borrows from the
+    // pool directly: it would wait out the acquire timeout if the only
+    // connection had been kept.
+    store.announce_jobs(&queues).await?;
+    store.queue_get("kept").await?;
+    one.close().await;
+
+    let two = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&broker.database.url).await?;
+    let store = Store::from_pool(two.clone());
+    store.announce_jobs(&queues).await?;
+    assert_eq!(two.num_idle(), 0, "below the pool's limit the connection is kept");
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    store.return_idle_connections();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while two.num_idle() == 0 {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the idle kept connection never came back to the pool");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(store);
+    two.close().await;
+    broker.finish().await
+}

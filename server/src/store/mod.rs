@@ -39,6 +39,7 @@ use uuid::Uuid;
 
 pub use error::{Error, Result};
 pub use queues::{QueueRecord, QueueSettingsPatch, QueueStatsRecord, QueueWatermark};
+pub use warm::KeptConnectionSweeper;
 use warm::{WarmConnection, WarmPool};
 
 /// Channel carrying the name of a queue that may have new or changed work.
@@ -201,6 +202,15 @@ impl Store {
     /// A connection for a group-commit statement (see [`warm`]).
     async fn batch(&self) -> sqlx::Result<WarmConnection<'_>> {
         self.batch.as_deref().unwrap_or(&self.hot).acquire().await
+    }
+
+    /// Gives the connections the hot statements kept but have not used
+    /// for a while back to their pools (see [`warm`]).
+    pub fn return_idle_connections(&self) {
+        self.hot.return_idle();
+        if let Some(batch) = &self.batch {
+            batch.return_idle();
+        }
     }
 
     /// Open and idle connections of the hot path's pools, and the most they

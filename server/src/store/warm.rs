@@ -18,9 +18,17 @@
 //!   closes it when it is broken;
 //! - a connection idle for [`PING_AFTER_IDLE`] or longer is pinged before
 //!   use, as pgx's pool does, so that the first statement after a quiet
-//!   spell or a database restart does not fail on a dead connection;
+//!   spell or a database restart does not fail on a dead connection, and
+//!   the [`KeptConnectionSweeper`] gives such connections back to the pool
+//!   (keeping them saves nothing once they need a ping, and in the pool
+//!   they serve its other users and its idle limit closes them);
 //! - a connection goes back to the pool after [`RETURN_AFTER`] out of it,
-//!   so that the pool's lifetime and idle limits still apply to it.
+//!   so that the pool's lifetime and idle limits still apply to it;
+//! - a connection goes back to the pool, not to the kept ones, when the
+//!   pool is at its limit with no idle connection: someone may be waiting
+//!   in the pool (another statement of the same pool, a listener
+//!   reconnecting), and the pool serves its waiters in turn. Kept
+//!   connections never starve the pool's other users.
 
 use std::fmt;
 use std::ops::{Deref, DerefMut};
@@ -94,6 +102,25 @@ impl WarmPool {
         Ok(WarmConnection { home: self, connection: Some(connection), taken: Instant::now(), reusable: false })
     }
 
+    /// Gives the connections kept idle for [`PING_AFTER_IDLE`] or longer
+    /// back to the pool.
+    pub fn return_idle(&self) {
+        let stale: Vec<Kept> = {
+            let mut kept = self.kept();
+            let (stale, fresh) =
+                std::mem::take(&mut *kept).into_iter().partition(|kept| kept.idle_since.elapsed() >= PING_AFTER_IDLE);
+            *kept = fresh;
+            stale
+        };
+        drop(stale);
+    }
+
+    /// True when the pool is at its limit and has no idle connection, so
+    /// that an `acquire` on it may be waiting.
+    fn pool_may_have_waiters(&self) -> bool {
+        self.pool.size() >= self.pool.options().get_max_connections() && self.pool.num_idle() == 0
+    }
+
     /// Marks the pool closed and gives every kept connection back to it,
     /// so that `close` finds them all; connections in use then go back to
     /// the pool too.
@@ -112,6 +139,32 @@ impl Drop for WarmPool {
         if tokio::runtime::Handle::try_current().is_err() {
             for kept in std::mem::take(&mut *self.kept()) {
                 drop(kept.connection.detach());
+            }
+        }
+    }
+}
+
+/// How often the [`KeptConnectionSweeper`] looks for idle kept connections.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The loop that gives kept connections idle for [`PING_AFTER_IDLE`] back
+/// to their pool (see [`super::Store::return_idle_connections`]).
+pub struct KeptConnectionSweeper {
+    store: super::Store,
+}
+
+impl KeptConnectionSweeper {
+    pub fn new(store: super::Store) -> Self {
+        Self { store }
+    }
+
+    pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut ticks = tokio::time::interval(SWEEP_INTERVAL);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => self.store.return_idle_connections(),
+                () = shutdown.cancelled() => return,
             }
         }
     }
@@ -173,7 +226,7 @@ impl DerefMut for WarmConnection<'_> {
 impl Drop for WarmConnection<'_> {
     fn drop(&mut self) {
         let Some(connection) = self.connection.take() else { return };
-        if !self.reusable || self.taken.elapsed() >= RETURN_AFTER {
+        if !self.reusable || self.taken.elapsed() >= RETURN_AFTER || self.home.pool_may_have_waiters() {
             return;
         }
         let mut kept = self.home.kept();
