@@ -290,9 +290,9 @@ impl Store {
             self.insert_plain_jobs(jobs).await?
         } else if jobs.iter().all(|job| job.dedup_key.is_none()) {
             let all: Vec<usize> = (0..jobs.len()).collect();
-            let mut connection = self.batch().await?;
-            let rows = self.insert_jobs(&mut *connection, jobs, &all, handoffs).await;
-            let rows = checked_inserted_rows(connection.settle(rows)?, all.len())?;
+            let rows =
+                self.batch().run(async |connection| self.insert_jobs(connection, jobs, &all, handoffs).await).await?;
+            let rows = checked_inserted_rows(rows, all.len())?;
             rows.iter().map(InsertedRow::record).collect()
         } else {
             self.jobs_enqueue_with_dedup(jobs).await?
@@ -322,7 +322,7 @@ impl Store {
             duplicate_of.iter().enumerate().filter(|(_, earlier)| earlier.is_none()).map(|(index, _)| index).collect();
         let mut results: Vec<Option<EnqueuedRecord>> = vec![None; jobs.len()];
 
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.pool().begin().await?;
         // A conflicting job can finish between our insert and our look-up; then
         // the insert is simply tried again (bounded). Each try takes fresh
         // sequences; the ones a conflict left unused are harmless gaps.
@@ -441,21 +441,17 @@ impl Store {
     async fn insert_plain_jobs(&self, jobs: &[NewJobRecord]) -> Result<Vec<EnqueuedRecord>> {
         let count = jobs.len();
         let columns = JobColumns::new(jobs.iter());
-        let mut connection = self.batch().await?;
-        let rows: sqlx::Result<Vec<(i64, i64)>> =
-            sqlx::query_as("SELECT * FROM workbroker.enqueue_plain_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9)")
-                .bind(columns.queues)
-                .bind(columns.kinds)
-                .bind(columns.priorities)
-                .bind(columns.run_at_micros)
-                .bind(columns.delay_micros)
-                .bind(columns.max_attempts)
-                .bind(columns.lease_micros)
-                .bind(columns.payloads)
-                .bind(columns.attributes)
-                .fetch_all(&mut *connection)
-                .await;
-        let mut rows = connection.settle(rows)?;
+        let query = sqlx::query_as("SELECT * FROM workbroker.enqueue_plain_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+            .bind(columns.queues)
+            .bind(columns.kinds)
+            .bind(columns.priorities)
+            .bind(columns.run_at_micros)
+            .bind(columns.delay_micros)
+            .bind(columns.max_attempts)
+            .bind(columns.lease_micros)
+            .bind(columns.payloads)
+            .bind(columns.attributes);
+        let mut rows: Vec<(i64, i64)> = self.batch().run(async |connection| query.fetch_all(connection).await).await?;
         if rows.len() != count {
             return Err(Error::Conflict(format!("enqueue answered {} rows for {count} jobs", rows.len())));
         }
@@ -479,8 +475,7 @@ impl Store {
     /// candidate is still checked, since an unblocked keyed job is only
     /// probably its key's head.
     pub async fn jobs_lease(&self, params: &LeaseParams<'_>) -> Result<Vec<JobRecord>> {
-        let mut connection = self.hot().await?;
-        let rows = sqlx::query_as::<_, JobRecord>(concat!(
+        let query = sqlx::query_as::<_, JobRecord>(concat!(
             "WITH open_queues AS ( \
                  SELECT name, lease_duration FROM workbroker.queues \
                   WHERE name = ANY($1::text[]) AND NOT paused), \
@@ -522,10 +517,8 @@ impl Store {
         .bind(i64::from(params.limit))
         .bind(params.lease_duration.map(micros))
         .bind(params.worker_id)
-        .bind(params.shards)
-        .fetch_all(&mut *connection)
-        .await;
-        Ok(connection.settle(rows)?)
+        .bind(params.shards);
+        Ok(self.hot.run(async |connection| query.fetch_all(connection).await).await?)
     }
 
     /// Time until the next waiting job of these queues (and kinds) becomes
@@ -540,8 +533,7 @@ impl Store {
     /// Blocked jobs do not count: the finish of their key's head wakes the
     /// queue.
     pub async fn jobs_next_due(&self, queues: &[String], kinds: &[String]) -> Result<Option<Duration>> {
-        let mut connection = self.hot().await?;
-        let micros_until: sqlx::Result<Option<i64>> = sqlx::query_scalar(concat!(
+        let query = sqlx::query_scalar(concat!(
             "WITH RECURSIVE priorities AS ( \
                  SELECT q.name AS queue, \
                         (SELECT j.priority FROM workbroker.jobs j \
@@ -574,10 +566,8 @@ impl Store {
               WHERE p.priority IS NOT NULL"
         ))
         .bind(queues)
-        .bind(kinds)
-        .fetch_one(&mut *connection)
-        .await;
-        let micros_until = connection.settle(micros_until)?;
+        .bind(kinds);
+        let micros_until: Option<i64> = self.hot.run(async |connection| query.fetch_one(connection).await).await?;
         Ok(micros_until.map(|value| Duration::from_micros(u64::try_from(value).unwrap_or(0))))
     }
 
@@ -588,8 +578,7 @@ impl Store {
         let ids: Vec<i64> = items.iter().map(|item| item.job_id).collect();
         let tokens: Vec<Uuid> = items.iter().map(|item| item.lease_token).collect();
         let results: Vec<&[u8]> = items.iter().map(|item| item.result.as_slice()).collect();
-        let mut connection = self.batch().await?;
-        let rows: sqlx::Result<Vec<(i16, Option<String>)>> = sqlx::query_as(concat!(
+        let query = sqlx::query_as(concat!(
             "WITH input AS ( \
                  SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::bytea[]) WITH ORDINALITY \
                      AS i(id, token, result, position)), \
@@ -619,10 +608,9 @@ impl Store {
         ))
         .bind(&ids)
         .bind(&tokens)
-        .bind(&results)
-        .fetch_all(&mut *connection)
-        .await;
-        let rows = connection.settle(rows)?;
+        .bind(&results);
+        let rows: Vec<(i16, Option<String>)> =
+            self.batch().run(async |connection| query.fetch_all(connection).await).await?;
         Ok(Settled::collect(rows.into_iter().map(|(outcome, unblocked)| (settle_outcome(outcome), unblocked))))
     }
 
@@ -636,8 +624,7 @@ impl Store {
         let errors: Vec<&str> = items.iter().map(|item| item.error.as_str()).collect();
         let retry_after: Vec<Option<i64>> = items.iter().map(|item| item.retry_after.map(micros)).collect();
         let permanent: Vec<bool> = items.iter().map(|item| item.permanent).collect();
-        let mut connection = self.batch().await?;
-        let rows: sqlx::Result<Vec<(i16, i16, Option<String>)>> = sqlx::query_as(concat!(
+        let query = sqlx::query_as(concat!(
             "WITH input AS ( \
                  SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::boolean[]) \
                      WITH ORDINALITY AS i(id, token, error, retry_after_us, permanent, position)), \
@@ -687,10 +674,9 @@ impl Store {
         .bind(&tokens)
         .bind(&errors)
         .bind(&retry_after)
-        .bind(&permanent)
-        .fetch_all(&mut *connection)
-        .await;
-        let rows = connection.settle(rows)?;
+        .bind(&permanent);
+        let rows: Vec<(i16, i16, Option<String>)> =
+            self.batch().run(async |connection| query.fetch_all(connection).await).await?;
         Ok(Settled::collect(rows.into_iter().map(|(outcome, next_state, wake)| {
             (NackResult { outcome: settle_outcome(outcome), next_state: (next_state != 0).then_some(next_state) }, wake)
         })))
@@ -701,8 +687,7 @@ impl Store {
         let ids: Vec<i64> = items.iter().map(|item| item.job_id).collect();
         let tokens: Vec<Uuid> = items.iter().map(|item| item.lease_token).collect();
         let extend: Vec<i64> = items.iter().map(|item| micros(item.extend_by)).collect();
-        let mut connection = self.hot().await?;
-        let rows: sqlx::Result<Vec<(i16, Option<DateTime<Utc>>)>> = sqlx::query_as(
+        let query = sqlx::query_as(
             "WITH input AS ( \
                  SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::bigint[]) WITH ORDINALITY \
                      AS i(id, token, extend_us, position)), \
@@ -724,10 +709,9 @@ impl Store {
         )
         .bind(&ids)
         .bind(&tokens)
-        .bind(&extend)
-        .fetch_all(&mut *connection)
-        .await;
-        let rows = connection.settle(rows)?;
+        .bind(&extend);
+        let rows: Vec<(i16, Option<DateTime<Utc>>)> =
+            self.hot.run(async |connection| query.fetch_all(connection).await).await?;
         Ok(rows
             .into_iter()
             .map(|(outcome, lease_expires_at)| ExtendResult { outcome: settle_outcome(outcome), lease_expires_at })
@@ -749,18 +733,15 @@ impl Store {
         }
         let ids: Vec<i64> = leases.iter().map(|lease| lease.job_id).collect();
         let tokens: Vec<Uuid> = leases.iter().map(|lease| lease.lease_token).collect();
-        let mut connection = self.hot().await?;
-        let rows = sqlx::query_as::<_, ReturnedJob>(return_leases!(
+        let query = sqlx::query_as::<_, ReturnedJob>(return_leases!(
             "SELECT u.id, u.token FROM unnest($1::bigint[], $3::uuid[]) AS u(id, token)",
             "$4"
         ))
         .bind(&ids)
         .bind(reason)
         .bind(&tokens)
-        .bind(attempt == ReleaseAttempt::Refunded)
-        .fetch_all(&mut *connection)
-        .await;
-        Ok(connection.settle(rows)?)
+        .bind(attempt == ReleaseAttempt::Refunded);
+        Ok(self.hot.run(async |connection| query.fetch_all(connection).await).await?)
     }
 
     /// Returns up to `limit` leases that expired (by the database clock) to
@@ -818,7 +799,7 @@ impl Store {
             " FROM workbroker.all_jobs j WHERE j.id = $1"
         ))
         .bind(job_id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await?;
         Ok(job)
     }
@@ -830,7 +811,7 @@ impl Store {
     /// job may be the next one a concurrent finish of its key clears, and
     /// that finish holds the lock while it updates the row.
     pub async fn job_cancel(&self, job_id: i64) -> Result<CancelResult> {
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.pool().begin().await?;
         sqlx::query(
             "SELECT workbroker.take_key_locks(ARRAY[queue], ARRAY[ordering_key]) \
                FROM workbroker.jobs WHERE id = $1 AND ordering_key IS NOT NULL",
@@ -965,16 +946,13 @@ impl Store {
     /// connection too, and look again when they reconnect).
     pub async fn notify_many<Payload: AsRef<str>>(&self, channel: &str, payloads: &[Payload]) -> Result<()> {
         let payloads: Vec<&str> = payloads.iter().map(AsRef::as_ref).collect();
-        let mut connection = self.hot().await?;
-        let done = sqlx::query(
+        let query = sqlx::query(
             "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, p.payload) \
                FROM unnest($2::text[]) AS p(payload)",
         )
         .bind(channel)
-        .bind(&payloads)
-        .execute(&mut *connection)
-        .await;
-        connection.settle(done)?;
+        .bind(&payloads);
+        self.hot.run(async |connection| query.execute(connection).await).await?;
         Ok(())
     }
 

@@ -40,7 +40,7 @@ impl Store {
                FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid \
               WHERE s.schemaname = 'workbroker' AND s.relname IN ('jobs', 'finished_jobs')",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         Ok(rows
             .into_iter()
@@ -68,7 +68,7 @@ impl Store {
 
     /// Runs `command` on `table` (both fixed strings of this module).
     async fn job_table_maintain(&self, command: &'static str, table: JobTable) -> Result<()> {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{command} {}", table.name()))).execute(&self.pool).await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("{command} {}", table.name()))).execute(self.pool()).await?;
         Ok(())
     }
 }

@@ -40,7 +40,7 @@ use uuid::Uuid;
 pub use error::{Error, Result};
 pub use queues::{QueueRecord, QueueSettingsPatch, QueueStatsRecord, QueueWatermark};
 pub use warm::KeptConnectionSweeper;
-use warm::{WarmConnection, WarmPool};
+use warm::WarmPool;
 
 /// Channel carrying the name of a queue that may have new or changed work.
 pub const JOBS_CHANNEL: &str = "workbroker_jobs";
@@ -53,10 +53,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone, Debug)]
 pub struct Store {
     /// The hot path's connections: every statement prepared once, its
-    /// generic plan kept.
-    pool: PgPool,
-    /// `pool`, with the connections its hot statements (lease, extend,
-    /// release, notify) keep between them (see [`warm`]).
+    /// generic plan kept; its hot statements (lease, extend, release,
+    /// notify) keep their connections between them (see [`warm`]).
     hot: Arc<WarmPool>,
     /// The group-commit statements' own few connections (enqueue, ack,
     /// nack; see [`StoreConfig::batch_connections`]), kept between
@@ -150,17 +148,16 @@ impl Store {
             .max_connections(PLANNED_CONNECTIONS)
             .acquire_timeout(config.acquire_timeout)
             .connect_lazy_with(options);
-        let hot = Arc::new(WarmPool::new(pool.clone()));
-        Ok(Self { pool, hot, batch, planned, notify_suffix: new_notify_suffix(), growth: Arc::default() })
+        let hot = Arc::new(WarmPool::new(pool));
+        Ok(Self { hot, batch, planned, notify_suffix: new_notify_suffix(), growth: Arc::default() })
     }
 
     /// Wraps an existing pool (tests): all statements use it.
     pub fn from_pool(pool: PgPool) -> Self {
         Self {
             planned: pool.clone(),
-            hot: Arc::new(WarmPool::new(pool.clone())),
+            hot: Arc::new(WarmPool::new(pool)),
             batch: None,
-            pool,
             notify_suffix: new_notify_suffix(),
             growth: Arc::default(),
         }
@@ -189,19 +186,15 @@ impl Store {
         &self.notify_suffix
     }
 
-    /// The pool, for LISTEN connections and health checks.
+    /// The hot path's pool, for statements off the hot path, LISTEN
+    /// connections and health checks.
     pub fn pool(&self) -> &PgPool {
-        &self.pool
+        self.hot.pool()
     }
 
-    /// A connection for a hot statement (see [`warm`]).
-    async fn hot(&self) -> sqlx::Result<WarmConnection<'_>> {
-        self.hot.acquire().await
-    }
-
-    /// A connection for a group-commit statement (see [`warm`]).
-    async fn batch(&self) -> sqlx::Result<WarmConnection<'_>> {
-        self.batch.as_deref().unwrap_or(&self.hot).acquire().await
+    /// The connections of the group-commit statements (see [`warm`]).
+    fn batch(&self) -> &WarmPool {
+        self.batch.as_deref().unwrap_or(&self.hot)
     }
 
     /// Gives the connections the hot statements kept but have not used
@@ -240,7 +233,7 @@ impl Store {
 
     /// Applies the embedded migrations that have not run yet.
     pub async fn migrate(&self) -> Result<()> {
-        MIGRATOR.run(&self.pool).await?;
+        MIGRATOR.run(self.pool()).await?;
         Ok(())
     }
 
@@ -248,7 +241,7 @@ impl Store {
     pub async fn migrations_current(&self) -> Result<bool> {
         let applied: Vec<i64> =
             sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
-                .fetch_all(&self.pool)
+                .fetch_all(self.pool())
                 .await?;
         Ok(MIGRATOR
             .iter()
@@ -258,7 +251,7 @@ impl Store {
 
     /// Runs `SELECT 1`.
     pub async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(self.pool()).await?;
         Ok(())
     }
 
@@ -273,7 +266,7 @@ impl Store {
              RETURNING shard_count",
         )
         .bind(count)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await?
         .unwrap_or(i32::try_from(self.settings_shard_count().await?).unwrap_or(0));
         Ok(u32::try_from(in_force).unwrap_or(0))
@@ -282,7 +275,7 @@ impl Store {
     /// The number of shards jobs are spread over.
     pub async fn settings_shard_count(&self) -> Result<u32> {
         let count: i32 =
-            sqlx::query_scalar("SELECT shard_count FROM workbroker.settings").fetch_one(&self.pool).await?;
+            sqlx::query_scalar("SELECT shard_count FROM workbroker.settings").fetch_one(self.pool()).await?;
         Ok(u32::try_from(count).unwrap_or(1))
     }
 }

@@ -89,7 +89,7 @@ impl Store {
                     (SELECT application_name FROM oldest) AS holder_application_name, \
                     (SELECT state FROM oldest) AS holder_state",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(self.pool())
         .await?;
         let oldest_transaction_seconds = row.oldest_transaction_seconds.unwrap_or(0.0).max(0.0);
         Ok(DatabaseHorizon {
@@ -128,7 +128,7 @@ impl Store {
                FROM workbroker.all_jobs j WHERE j.id = ANY($1::bigint[])",
         )
         .bind(job_ids)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         Ok(rows)
     }

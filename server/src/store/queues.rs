@@ -137,14 +137,14 @@ impl Store {
         ))
         .bind(name)
         .bind(paused)
-        .fetch_one(&self.pool)
+        .fetch_one(self.pool())
         .await?;
         Ok(row.into())
     }
 
     /// Changes a queue's settings, creating it if unknown.
     pub async fn queue_configure(&self, name: &str, patch: &QueueSettingsPatch) -> Result<QueueRecord> {
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.pool().begin().await?;
         sqlx::query("INSERT INTO workbroker.queues (name) VALUES ($1) ON CONFLICT (name) DO NOTHING")
             .bind(name)
             .execute(&mut *transaction)
@@ -184,7 +184,7 @@ impl Store {
             " FROM workbroker.queues q WHERE q.name = $1"
         ))
         .bind(name)
-        .fetch_optional(&self.pool)
+        .fetch_optional(self.pool())
         .await?;
         Ok(row.map(Into::into))
     }
@@ -223,7 +223,7 @@ impl Store {
               ORDER BY q.name"
         ))
         .bind(queue)
-        .fetch_all(&self.pool)
+        .fetch_all(self.pool())
         .await?;
         let names: Vec<String> = rows.iter().map(|row| row.queue.clone()).collect();
         let watermarks = self.queue_watermarks(&names).await?;
@@ -260,7 +260,7 @@ impl Store {
         if queues.is_empty() {
             return Ok(HashMap::new());
         }
-        let mut transaction = self.pool.begin().await?;
+        let mut transaction = self.pool().begin().await?;
         sqlx::query("SELECT workbroker.enqueue_barrier($1, true)").bind(queues).execute(&mut *transaction).await?;
         let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(concat!(
             "SELECT q.name, workbroker.queue_last_sequence(q.sequence), \

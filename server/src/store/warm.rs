@@ -7,8 +7,8 @@
 //! empty ones cost the broker and the backend CPU and the caller latency.
 //!
 //! A [`WarmPool`] keeps connections checked out of their pool between
-//! statements: a statement takes the one used last (its backend is warm)
-//! and gives it back when the statement ended cleanly. What the pings
+//! statements: [`WarmPool::run`] runs a statement on the one used last (its
+//! backend is warm) and keeps it again when the statement ended cleanly. What the pings
 //! guarded against is kept where it matters:
 //!
 //! - a connection whose statement failed other than with an ordinary
@@ -85,7 +85,7 @@ impl WarmPool {
 
     /// The connection used last, pinged first if it was idle for
     /// [`PING_AFTER_IDLE`]; a connection from the pool when none is kept.
-    pub async fn acquire(&self) -> sqlx::Result<WarmConnection<'_>> {
+    async fn acquire(&self) -> sqlx::Result<WarmConnection<'_>> {
         loop {
             let Some(kept) = self.kept().pop() else { break };
             let mut connection =
@@ -100,6 +100,15 @@ impl WarmPool {
         }
         let connection = self.pool.acquire().await?;
         Ok(WarmConnection { home: self, connection: Some(connection), taken: Instant::now(), reusable: false })
+    }
+
+    /// Runs `statement` on a connection from [`WarmPool::acquire`], kept
+    /// for the next statement if it ended cleanly (see
+    /// [`WarmConnection::settle`]).
+    pub async fn run<T>(&self, statement: impl AsyncFnOnce(&mut PgConnection) -> sqlx::Result<T>) -> sqlx::Result<T> {
+        let mut connection = self.acquire().await?;
+        let result = statement(&mut connection).await;
+        connection.settle(result)
     }
 
     /// Gives the connections kept idle for [`PING_AFTER_IDLE`] or longer
@@ -126,8 +135,7 @@ impl WarmPool {
     /// the pool too.
     pub async fn close(&self) {
         let closing = self.pool.close();
-        let kept = std::mem::take(&mut *self.kept());
-        drop(kept);
+        drop(std::mem::take(&mut *self.kept()));
         closing.await;
     }
 }
@@ -184,7 +192,7 @@ impl WarmConnection<'_> {
     /// Takes the result of the statement run on this connection: the
     /// connection is kept for the next one when the statement succeeded or
     /// failed with an error that leaves the connection sound.
-    pub fn settle<T>(mut self, result: sqlx::Result<T>) -> sqlx::Result<T> {
+    fn settle<T>(mut self, result: sqlx::Result<T>) -> sqlx::Result<T> {
         self.reusable = match &result {
             Ok(_) => true,
             Err(error) => leaves_connection_sound(error),
