@@ -1,6 +1,7 @@
 //! End-to-end tests: the real broker on 127.0.0.1:0, its own PostgreSQL
 //! database per test, driven over gRPC.
 
+mod announcements;
 mod bad_input;
 mod cancel_and_watch;
 mod cli;

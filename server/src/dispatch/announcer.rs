@@ -12,15 +12,20 @@
 //!
 //! Notifications are wake-up hints, never the only way to find work: a
 //! replica that misses one finds the jobs at its streams' idle re-check.
+//!
+//! The announcer also sends this replica's heartbeat, and announces nothing
+//! while it is sure that no other replica listens ([`super::presence`]).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{self, Store};
+use super::presence::{self, HEARTBEAT_INTERVAL, Presence};
+use crate::store::{self, LEASES_CHANNEL, Store};
 
 /// Wait after a failed announcement before trying again.
 const RETRY_DELAY: Duration = Duration::from_millis(200);
@@ -31,6 +36,10 @@ const RETRY_DELAY: Duration = Duration::from_millis(200);
 pub struct Announcements {
     pending: Mutex<BTreeSet<String>>,
     ready: Notify,
+    /// Who listens, from the heartbeats the listener hears.
+    presence: Mutex<Presence>,
+    /// Asks the announcer for a heartbeat now (the listener reconnected).
+    beat: Notify,
 }
 
 impl Announcements {
@@ -55,8 +64,42 @@ impl Announcements {
         self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn presence(&self) -> std::sync::MutexGuard<'_, Presence> {
+        self.presence.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The pending queues to send now: none while no other replica listens
+    /// (they are kept for one that turns up).
     fn take(&self) -> Vec<String> {
-        std::mem::take(&mut *self.pending()).into_iter().collect()
+        let queues: Vec<String> = std::mem::take(&mut *self.pending()).into_iter().collect();
+        if queues.is_empty() {
+            return queues;
+        }
+        self.presence().worth_sending(queues, Instant::now())
+    }
+
+    /// The listener (re)connected: it may have missed heartbeats, so
+    /// announce everything for a while, and send a heartbeat now so that
+    /// the other replicas hear this one at once.
+    pub fn listening_started(&self) {
+        self.presence().listening_started(Instant::now());
+        self.beat.notify_one();
+    }
+
+    /// The listener lost its connection.
+    pub fn listening_stopped(&self) {
+        self.presence().listening_stopped();
+    }
+
+    /// The listener heard the replica with notification origin `origin`
+    /// (`own`: this one). A replica not heard before gets the
+    /// announcements skipped lately.
+    pub fn heard(&self, origin: &str, own: bool) {
+        let skipped = self.presence().heard(origin, own, Instant::now());
+        if !skipped.is_empty() {
+            tracing::debug!(origin, queues = skipped.len(), "another replica listens: announcing the skipped queues");
+            self.announce(skipped.iter().map(String::as_str));
+        }
     }
 }
 
@@ -76,15 +119,22 @@ impl Announcer {
     /// tries again with whatever is pending by then.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failing = false;
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                () = self.announcements.ready.notified() => {}
+            let sent = tokio::select! {
+                () = self.announcements.ready.notified() => self.send_pending().await,
+                _ = heartbeat.tick() => self.send_heartbeat().await,
+                () = self.announcements.beat.notified() => {
+                    heartbeat.reset();
+                    self.send_heartbeat().await
+                }
                 () = shutdown.cancelled() => {
                     let _ = self.send_pending().await;
                     return;
                 }
-            }
-            match self.send_pending().await {
+            };
+            match sent {
                 Ok(()) if failing => {
                     failing = false;
                     tracing::info!("announcing new jobs works again");
@@ -102,6 +152,12 @@ impl Announcer {
                 }
             }
         }
+    }
+
+    /// Tells every listener, this replica's own included, that this
+    /// replica is here.
+    async fn send_heartbeat(&self) -> Result<(), store::Error> {
+        self.store.notify(LEASES_CHANNEL, &presence::heartbeat_payload(self.store.notify_suffix())).await
     }
 
     /// Sends what is pending; on failure puts it back, so that the next

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Dispatcher;
+use super::presence::HEARTBEAT_PREFIX;
 use crate::store::{HeldLease, JOBS_CHANNEL, LEASES_CHANNEL, Store};
 
 /// Longest payload of one `workbroker_leases` notification we send.
@@ -42,8 +43,9 @@ impl NotificationListener {
                 }
             };
             retry_delay = Duration::from_millis(200);
-            self.dispatcher.wake_all();
+            self.dispatcher.listening_started();
             self.listen(listener, &shutdown).await;
+            self.dispatcher.listening_stopped();
         }
     }
 
@@ -63,7 +65,7 @@ impl NotificationListener {
                 Ok(Some(notification)) => self.handle(notification.channel(), notification.payload()),
                 Ok(None) => {
                     tracing::warn!("notification connection lost; reconnecting");
-                    self.dispatcher.wake_all();
+                    self.dispatcher.listening_started();
                 }
                 Err(error) => {
                     tracing::warn!(%error, "notification connection failed");
@@ -74,16 +76,21 @@ impl NotificationListener {
     }
 
     fn handle(&self, channel: &str, payload: &str) {
+        let own_origin = self.store.notify_suffix();
         if channel == JOBS_CHANNEL {
             // `queue@origin` comes from an enqueue; this broker's own were
             // woken locally at commit already.
             let (queue, origin) = payload.split_at(payload.find('@').unwrap_or(payload.len()));
-            if origin.is_empty() || origin != self.store.notify_suffix() {
+            let own = origin == own_origin;
+            self.dispatcher.heard_replica(origin, own);
+            if !own {
                 self.dispatcher.queue_has_work(queue);
             }
             return;
         }
-        if let Some(rest) = payload.strip_prefix("cancel:") {
+        if let Some(origin) = payload.strip_prefix(HEARTBEAT_PREFIX) {
+            self.dispatcher.heard_replica(origin, origin == own_origin);
+        } else if let Some(rest) = payload.strip_prefix("cancel:") {
             if let Some(lease) = parse_lease(rest) {
                 self.dispatcher.lease_cancelled(lease.job_id, lease.lease_token);
             }

@@ -29,6 +29,7 @@ pub mod announcer;
 pub mod batcher;
 mod handoff;
 pub mod listener;
+mod presence;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -462,6 +463,26 @@ impl Dispatcher {
             self.queue_has_work(queue.as_ref());
         }
         self.announcements.announce(queues.iter().map(AsRef::as_ref));
+    }
+
+    /// The LISTEN connection (re)connected: notifications may have been
+    /// lost, so every stream looks for work, and this replica announces
+    /// every new job until it has listened long enough to know who else
+    /// listens.
+    pub fn listening_started(&self) {
+        self.wake_all();
+        self.announcements.listening_started();
+    }
+
+    /// The LISTEN connection is gone.
+    pub fn listening_stopped(&self) {
+        self.announcements.listening_stopped();
+    }
+
+    /// The listener heard the replica with notification origin `origin`
+    /// (`own`: this replica), by its heartbeat or a job announcement.
+    pub fn heard_replica(&self, origin: &str, own: bool) {
+        self.announcements.heard(origin, own);
     }
 
     /// Wakes every stream to look for work (after notifications may have been lost).

@@ -1,0 +1,206 @@
+//! Which other replicas listen: a replica alone on its database need not
+//! announce its jobs to nobody.
+//!
+//! Every replica's [`super::announcer::Announcer`] sends a heartbeat,
+//! `present:<origin>` on `workbroker_leases`, every [`HEARTBEAT_INTERVAL`]
+//! and as soon as its listener (re)connects. Each listener records the
+//! heartbeats it hears, its own included, in [`Presence`], and so does every
+//! job announcement from another replica. A replica skips announcing new
+//! jobs only when all of these hold:
+//!
+//! - its listener has been connected for [`PRESENCE_TTL`] without a break,
+//!   long enough to have heard every live replica's heartbeat;
+//! - it heard its own heartbeat within [`PRESENCE_TTL`], so the path from
+//!   the database to its listener works;
+//! - it heard no other replica within [`PRESENCE_TTL`].
+//!
+//! A replica that joins listens before its first heartbeat, so jobs
+//! enqueued between its `LISTEN` and the moment the others hear it could go
+//! unannounced: each replica keeps the queues it skipped for
+//! [`SKIPPED_RETENTION`] and announces them after all when it first hears a
+//! replica it did not know. Announcements stay wake-up hints either way:
+//! a stream that misses one finds its jobs at its idle re-check.
+//!
+//! A heartbeat costs one notification a second per replica; at one job per
+//! call an announcement follows nearly every enqueue statement, so a lone
+//! replica saves a statement (and a wake-up of its own listener) per
+//! enqueue batch.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// How often a replica sends its heartbeat.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a heartbeat counts: three intervals, so one late or lost
+/// heartbeat does not make a replica look gone.
+pub const PRESENCE_TTL: Duration = Duration::from_secs(3);
+/// How long skipped announcements are kept for a replica that turns up.
+pub const SKIPPED_RETENTION: Duration = Duration::from_secs(5);
+/// Prefix of a heartbeat's payload on `workbroker_leases`.
+pub const HEARTBEAT_PREFIX: &str = "present:";
+
+/// The heartbeat payload of the replica with this notification origin.
+pub fn heartbeat_payload(origin: &str) -> String {
+    format!("{HEARTBEAT_PREFIX}{origin}")
+}
+
+/// What a replica knows about who listens; see the module documentation.
+#[derive(Debug, Default)]
+pub struct Presence {
+    /// Since when the listener has been connected without a break (`None`:
+    /// not connected).
+    listening_since: Option<Instant>,
+    /// When this replica last heard its own heartbeat.
+    own_heard_at: Option<Instant>,
+    /// Other replicas by origin, with when each was last heard.
+    others: HashMap<String, Instant>,
+    /// Queues whose announcement was skipped, with when it last was.
+    skipped: HashMap<String, Instant>,
+}
+
+impl Presence {
+    /// The listener (re)connected now: it may have missed heartbeats.
+    pub fn listening_started(&mut self, now: Instant) {
+        self.listening_since = Some(now);
+    }
+
+    /// The listener is not connected.
+    pub fn listening_stopped(&mut self) {
+        self.listening_since = None;
+    }
+
+    /// Records that the replica with `origin` was heard (`own`: this
+    /// replica). When it is another replica not heard within
+    /// [`PRESENCE_TTL`], returns the queues skipped within
+    /// [`SKIPPED_RETENTION`], to be announced now.
+    pub fn heard(&mut self, origin: &str, own: bool, now: Instant) -> Vec<String> {
+        if own {
+            self.own_heard_at = Some(now);
+            return Vec::new();
+        }
+        let known = self.others.insert(origin.to_owned(), now).is_some_and(|at| now.duration_since(at) < PRESENCE_TTL);
+        if known {
+            return Vec::new();
+        }
+        self.others.retain(|_, at| now.duration_since(*at) < PRESENCE_TTL);
+        self.skipped
+            .drain()
+            .filter(|(_, at)| now.duration_since(*at) < SKIPPED_RETENTION)
+            .map(|(queue, _)| queue)
+            .collect()
+    }
+
+    /// Whether another replica may be listening: true unless this replica
+    /// is sure that none is.
+    pub fn others_may_listen(&self, now: Instant) -> bool {
+        let settled = self.listening_since.is_some_and(|since| now.duration_since(since) >= PRESENCE_TTL);
+        let hears_itself = self.own_heard_at.is_some_and(|at| now.duration_since(at) < PRESENCE_TTL);
+        let hears_others = self.others.values().any(|at| now.duration_since(*at) < PRESENCE_TTL);
+        !settled || !hears_itself || hears_others
+    }
+
+    /// The queues of an announcement that should be sent: all of them when
+    /// another replica may listen, none otherwise (they are kept as
+    /// skipped).
+    pub fn worth_sending(&mut self, queues: Vec<String>, now: Instant) -> Vec<String> {
+        if self.others_may_listen(now) {
+            return queues;
+        }
+        self.skipped.retain(|_, at| now.duration_since(*at) < SKIPPED_RETENTION);
+        for queue in queues {
+            self.skipped.insert(queue, now);
+        }
+        Vec::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECOND: Duration = Duration::from_secs(1);
+
+    fn queues(names: &[&str]) -> Vec<String> {
+        names.iter().map(|name| (*name).to_owned()).collect()
+    }
+
+    /// A presence whose listener connected at `start` and has heard its own
+    /// heartbeat every second since, up to `start + ttl`.
+    fn settled_alone(start: Instant) -> Presence {
+        let mut presence = Presence::default();
+        presence.listening_started(start);
+        for second in 0..=PRESENCE_TTL.as_secs() {
+            presence.heard("@me", true, start + SECOND * u32::try_from(second).expect("small"));
+        }
+        presence
+    }
+
+    #[test]
+    fn a_replica_announces_until_it_is_sure_it_is_alone() {
+        let start = Instant::now();
+        let mut presence = Presence::default();
+        assert!(presence.others_may_listen(start), "not listening yet");
+        presence.listening_started(start);
+        presence.heard("@me", true, start);
+        assert!(presence.others_may_listen(start + SECOND), "listening for less than the TTL");
+        let alone = settled_alone(start);
+        let now = start + PRESENCE_TTL;
+        assert!(!alone.others_may_listen(now));
+        assert!(alone.others_may_listen(now + PRESENCE_TTL), "its own heartbeat stopped arriving");
+    }
+
+    #[test]
+    fn a_lost_listener_makes_the_replica_announce_again() {
+        let start = Instant::now();
+        let mut presence = settled_alone(start);
+        let now = start + PRESENCE_TTL;
+        presence.listening_stopped();
+        assert!(presence.others_may_listen(now));
+        presence.listening_started(now);
+        presence.heard("@me", true, now);
+        assert!(presence.others_may_listen(now + SECOND), "reconnected less than the TTL ago");
+    }
+
+    #[test]
+    fn another_replica_heard_within_the_ttl_gets_announcements() {
+        let start = Instant::now();
+        let mut presence = settled_alone(start);
+        let now = start + PRESENCE_TTL;
+        assert!(presence.heard("@other", false, now).is_empty());
+        assert!(presence.others_may_listen(now + SECOND));
+        assert_eq!(presence.worth_sending(queues(&["a"]), now + SECOND), queues(&["a"]));
+        presence.heard("@me", true, now + PRESENCE_TTL);
+        assert!(!presence.others_may_listen(now + PRESENCE_TTL), "the other replica went quiet");
+    }
+
+    #[test]
+    fn skipped_queues_are_announced_when_a_new_replica_is_heard() {
+        let start = Instant::now();
+        let mut presence = settled_alone(start);
+        let now = start + PRESENCE_TTL;
+        assert!(presence.worth_sending(queues(&["old"]), now).is_empty());
+        let later = now + SKIPPED_RETENTION;
+        presence.heard("@me", true, later);
+        assert!(presence.worth_sending(queues(&["a", "b"]), later).is_empty());
+        assert!(presence.worth_sending(queues(&["a"]), later).is_empty());
+        let mut reannounced = presence.heard("@other", false, later + SECOND);
+        reannounced.sort();
+        assert_eq!(reannounced, queues(&["a", "b"]), "`old` was skipped longer ago than the retention");
+        assert!(presence.heard("@other", false, later + SECOND * 2).is_empty(), "already known");
+        assert!(presence.heard("@third", false, later + SECOND * 2).is_empty(), "nothing skipped since");
+    }
+
+    #[test]
+    fn a_replica_heard_again_after_the_ttl_counts_as_new() {
+        let start = Instant::now();
+        let mut presence = settled_alone(start);
+        let now = start + PRESENCE_TTL;
+        presence.heard("@other", false, now);
+        let later = now + PRESENCE_TTL;
+        presence.heard("@me", true, later);
+        assert!(presence.worth_sending(queues(&["q"]), later).is_empty());
+        assert_eq!(presence.heard("@other", false, later + SECOND), queues(&["q"]));
+    }
+}

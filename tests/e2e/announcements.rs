@@ -1,0 +1,92 @@
+//! Job announcements between replicas: a replica alone on its database
+//! announces nothing, and starts again as soon as another replica listens.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use anyhow::Result;
+use sqlx::postgres::PgListener;
+use tokio::time::Instant;
+use workbroker_tests::*;
+
+/// Long enough for a replica to be sure that nobody else listens: it must
+/// have listened for three heartbeat intervals of a second.
+const SETTLE: Duration = Duration::from_millis(4500);
+
+/// What a bare listener heard on the broker's channels.
+#[derive(Debug, Default)]
+struct Heard {
+    /// `workbroker_jobs` payloads (`queue@origin`).
+    jobs: Vec<String>,
+    /// Origins of heartbeats on `workbroker_leases`.
+    heartbeats: BTreeSet<String>,
+}
+
+/// Listens for `wait`, or until `done` says the heard notifications suffice.
+async fn listen(listener: &mut PgListener, wait: Duration, done: impl Fn(&Heard) -> bool) -> Result<Heard> {
+    let deadline = Instant::now() + wait;
+    let mut heard = Heard::default();
+    while !done(&heard) {
+        let Ok(notification) = tokio::time::timeout_at(deadline, listener.recv()).await else {
+            break;
+        };
+        let notification = notification?;
+        match notification.channel() {
+            "workbroker_jobs" => heard.jobs.push(notification.payload().to_owned()),
+            _ => {
+                if let Some(origin) = notification.payload().strip_prefix("present:") {
+                    heard.heartbeats.insert(origin.to_owned());
+                }
+            }
+        }
+    }
+    Ok(heard)
+}
+
+async fn bare_listener(broker: &TestBroker) -> Result<PgListener> {
+    let mut listener = PgListener::connect(&broker.database.url).await?;
+    listener.listen_all(["workbroker_jobs", "workbroker_leases"]).await?;
+    Ok(listener)
+}
+
+#[tokio::test]
+async fn a_replica_alone_announces_no_jobs_until_another_replica_listens() -> Result<()> {
+    let first = TestBroker::start().await?;
+    let mut listener = bare_listener(&first).await?;
+    let settling = listen(&mut listener, SETTLE, |_| false).await?;
+    assert_eq!(settling.heartbeats.len(), 1, "one replica's heartbeats: {settling:?}");
+    let first_origin = settling.heartbeats.first().cloned().unwrap_or_default();
+
+    let mut on_first = first.broker().await;
+    enqueue(&mut on_first, vec![new_job("alone", "k")]).await?;
+    let alone = listen(&mut listener, Duration::from_millis(1500), |_| false).await?;
+    assert!(alone.jobs.is_empty(), "a lone replica announced {:?}", alone.jobs);
+    assert!(alone.heartbeats.contains(&first_origin), "it still sends its heartbeat: {alone:?}");
+
+    let second = first.start_replica().await?;
+    let joined = listen(&mut listener, Duration::from_secs(5), |heard| heard.heartbeats.len() == 2).await?;
+    assert_eq!(joined.heartbeats.len(), 2, "the new replica's heartbeat: {joined:?}");
+    enqueue(&mut on_first, vec![new_job("together", "k")]).await?;
+    let expected = format!("together{first_origin}");
+    let together = listen(&mut listener, Duration::from_secs(3), |heard| heard.jobs.contains(&expected)).await?;
+    assert!(together.jobs.contains(&expected), "announced once another replica listens: {together:?}");
+    second.finish_keep_database().await?;
+    first.finish().await
+}
+
+#[tokio::test]
+async fn a_worker_on_a_replica_that_joins_a_lone_one_gets_its_jobs_without_waiting_for_the_idle_recheck() -> Result<()>
+{
+    let first = TestBroker::start().await?;
+    tokio::time::sleep(SETTLE).await;
+    let second = first.start_replica().await?;
+    let mut on_first = first.broker().await;
+    let mut on_second = second.broker().await;
+    let mut worker = Worker::on(&mut on_second, &["joined"], 1).await?;
+    enqueue(&mut on_first, vec![new_job("joined", "k")]).await?;
+    // A stream that missed the announcement would look again only at its
+    // idle re-check, five seconds after it went idle.
+    worker.take_jobs(1, Duration::from_secs(3)).await?;
+    second.finish_keep_database().await?;
+    first.finish().await
+}
