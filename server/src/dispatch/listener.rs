@@ -81,8 +81,13 @@ impl NotificationListener {
             // `queue@origin` comes from an enqueue; this broker's own were
             // woken locally at commit already.
             let (queue, origin) = payload.split_at(payload.find('@').unwrap_or(payload.len()));
+            // A bare `queue` comes from a statement that notifies in its
+            // transaction (the SQL API, releases, resumes), on any replica
+            // or none: it says nothing about who listens.
             let own = origin == own_origin;
-            self.dispatcher.heard_replica(origin, own);
+            if !origin.is_empty() {
+                self.dispatcher.heard_replica(origin, own);
+            }
             if !own {
                 self.dispatcher.queue_has_work(queue);
             }

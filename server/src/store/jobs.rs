@@ -22,6 +22,10 @@ use super::{
     SettleOutcome, Settled, Store,
 };
 
+/// The enqueue of a plain batch (migration 0015).
+const ENQUEUE_PLAIN_JOBS: &str =
+    "SELECT * FROM workbroker.enqueue_known_queue_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+
 /// Columns of a job read from the `all_jobs` view (public state included).
 macro_rules! job_fields {
     () => {
@@ -435,13 +439,15 @@ impl Store {
     }
 
     /// Inserts `jobs`, none of which has an ordering key or a dedup key, as
-    /// waiting jobs with one call of `workbroker.enqueue_plain_jobs`
-    /// (migration 0012), which does what `enqueue_jobs` does for such jobs
-    /// with a narrower statement. Answers in the order of `jobs`.
+    /// waiting jobs with one call of `workbroker.enqueue_known_queue_jobs`
+    /// (migration 0015; for a batch of one existing queue, otherwise
+    /// `enqueue_plain_jobs` of migrations 0012 and 0014), which does what
+    /// `enqueue_jobs` does for such jobs with a narrower statement. Answers
+    /// in the order of `jobs`.
     async fn insert_plain_jobs(&self, jobs: &[NewJobRecord]) -> Result<Vec<EnqueuedRecord>> {
         let count = jobs.len();
         let columns = JobColumns::new(jobs.iter());
-        let query = sqlx::query_as("SELECT * FROM workbroker.enqueue_plain_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+        let query = sqlx::query_as(ENQUEUE_PLAIN_JOBS)
             .bind(columns.queues)
             .bind(columns.kinds)
             .bind(columns.priorities)
