@@ -126,15 +126,16 @@ mod tests {
         names.iter().map(|name| (*name).to_owned()).collect()
     }
 
-    /// A presence whose listener connected at `start` and has heard its own
-    /// heartbeat every second since, up to `start + ttl`.
-    fn settled_alone(start: Instant) -> Presence {
+    /// A presence whose listener connected a TTL ago and has heard its own
+    /// heartbeat every second since, and that moment.
+    fn settled_alone() -> (Presence, Instant) {
+        let start = Instant::now();
         let mut presence = Presence::default();
         presence.listening_started(start);
         for second in 0..=PRESENCE_TTL.as_secs() {
             presence.heard("@me", true, start + SECOND * u32::try_from(second).expect("small"));
         }
-        presence
+        (presence, start + PRESENCE_TTL)
     }
 
     #[test]
@@ -145,17 +146,14 @@ mod tests {
         presence.listening_started(start);
         presence.heard("@me", true, start);
         assert!(presence.others_may_listen(start + SECOND), "listening for less than the TTL");
-        let alone = settled_alone(start);
-        let now = start + PRESENCE_TTL;
+        let (alone, now) = settled_alone();
         assert!(!alone.others_may_listen(now));
         assert!(alone.others_may_listen(now + PRESENCE_TTL), "its own heartbeat stopped arriving");
     }
 
     #[test]
     fn a_lost_listener_makes_the_replica_announce_again() {
-        let start = Instant::now();
-        let mut presence = settled_alone(start);
-        let now = start + PRESENCE_TTL;
+        let (mut presence, now) = settled_alone();
         presence.listening_stopped();
         assert!(presence.others_may_listen(now));
         presence.listening_started(now);
@@ -165,9 +163,7 @@ mod tests {
 
     #[test]
     fn another_replica_heard_within_the_ttl_gets_announcements() {
-        let start = Instant::now();
-        let mut presence = settled_alone(start);
-        let now = start + PRESENCE_TTL;
+        let (mut presence, now) = settled_alone();
         assert!(presence.heard("@other", false, now).is_empty());
         assert!(presence.others_may_listen(now + SECOND));
         assert_eq!(presence.worth_sending(queues(&["a"]), now + SECOND), queues(&["a"]));
@@ -177,9 +173,7 @@ mod tests {
 
     #[test]
     fn skipped_queues_are_announced_when_a_new_replica_is_heard() {
-        let start = Instant::now();
-        let mut presence = settled_alone(start);
-        let now = start + PRESENCE_TTL;
+        let (mut presence, now) = settled_alone();
         assert!(presence.worth_sending(queues(&["old"]), now).is_empty());
         let later = now + SKIPPED_RETENTION;
         presence.heard("@me", true, later);
@@ -194,9 +188,7 @@ mod tests {
 
     #[test]
     fn a_replica_heard_again_after_the_ttl_counts_as_new() {
-        let start = Instant::now();
-        let mut presence = settled_alone(start);
-        let now = start + PRESENCE_TTL;
+        let (mut presence, now) = settled_alone();
         presence.heard("@other", false, now);
         let later = now + PRESENCE_TTL;
         presence.heard("@me", true, later);
