@@ -137,13 +137,13 @@ impl Announcer {
             match sent {
                 Ok(()) if failing => {
                     failing = false;
-                    tracing::info!("announcing new jobs works again");
+                    tracing::info!("notifying the other replicas works again");
                 }
                 Ok(()) => {}
                 Err(error) => {
                     if !failing {
                         failing = true;
-                        tracing::warn!(%error, "could not announce new jobs to other replicas; they find them at their idle re-check until this recovers");
+                        tracing::warn!(%error, "could not notify the other replicas (new jobs, heartbeat); they find new jobs at their idle re-check until this recovers");
                     }
                     tokio::select! {
                         () = tokio::time::sleep(RETRY_DELAY) => {}

@@ -614,6 +614,10 @@ impl Dispatcher {
     /// maybe work, then sleep until something changes.
     async fn lease_loop(self: Arc<Self>, stream: Arc<LeaseStream>) {
         let mut due_at: Option<Instant> = None;
+        // When a dry stream looks again without a notification: set when it
+        // starts waiting, kept across wake-ups that bring no news of work
+        // (acks, credits), so that those cannot put the re-check off.
+        let mut recheck_at: Option<Instant> = None;
         let mut error_backoff = Duration::from_millis(100);
         loop {
             if stream.stop.is_cancelled() || self.leasing.is_cancelled() {
@@ -629,6 +633,7 @@ impl Dispatcher {
                 (if dry { 0 } else { state.free() }, state.work_epoch)
             };
             if free > 0 {
+                recheck_at = None;
                 let limit = free.min(MAX_LEASE_BATCH);
                 match self.lease_into(&stream, limit).await {
                     Ok(leased) => {
@@ -652,14 +657,15 @@ impl Dispatcher {
                 }
             }
             // The idle re-check also bounds the wait for a far-off due time.
-            let recheck_at = Instant::now() + IDLE_RECHECK;
-            let wake_at = due_at.map_or(recheck_at, |due| due.min(recheck_at));
+            let recheck = *recheck_at.get_or_insert_with(|| Instant::now() + IDLE_RECHECK);
+            let wake_at = due_at.map_or(recheck, |due| due.min(recheck));
             tokio::select! {
                 () = stream.wake.notified() => {}
                 () = tokio::time::sleep_until(wake_at) => {
                     let mut state = stream.state();
                     state.dry_at_epoch = None;
                     due_at = None;
+                    recheck_at = None;
                 }
                 () = stream.stop.cancelled() => return,
                 () = self.leasing.cancelled() => return,

@@ -10,8 +10,8 @@
 //!
 //! - its listener has been connected for [`PRESENCE_TTL`] without a break,
 //!   long enough to have heard every live replica's heartbeat;
-//! - it heard its own heartbeat within [`PRESENCE_TTL`], so the path from
-//!   the database to its listener works;
+//! - it heard its own heartbeat within [`OWN_HEARTBEAT_TTL`], so the path
+//!   from the database to its listener works;
 //! - it heard no other replica within [`PRESENCE_TTL`].
 //!
 //! A replica that joins listens before its first heartbeat, so jobs
@@ -33,9 +33,15 @@ use tokio::time::Instant;
 
 /// How often a replica sends its heartbeat.
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
-/// How long a heartbeat counts: three intervals, so one late or lost
-/// heartbeat does not make a replica look gone.
+/// How long another replica's heartbeat counts: three intervals, so one
+/// late or lost heartbeat does not make a replica look gone.
 pub const PRESENCE_TTL: Duration = Duration::from_secs(3);
+/// How long a replica's own heartbeat counts. Shorter than
+/// [`PRESENCE_TTL`]: when the listener goes deaf without noticing (a lost
+/// connection not yet seen), the own heartbeat, which was at most an
+/// interval newer than any other replica's, must lapse first, so that the
+/// replica announces again before it could take the others for gone.
+pub const OWN_HEARTBEAT_TTL: Duration = Duration::from_secs(2);
 /// How long skipped announcements are kept for a replica that turns up.
 pub const SKIPPED_RETENTION: Duration = Duration::from_secs(5);
 /// Prefix of a heartbeat's payload on `workbroker_leases`.
@@ -96,7 +102,7 @@ impl Presence {
     /// is sure that none is.
     pub fn others_may_listen(&self, now: Instant) -> bool {
         let settled = self.listening_since.is_some_and(|since| now.duration_since(since) >= PRESENCE_TTL);
-        let hears_itself = self.own_heard_at.is_some_and(|at| now.duration_since(at) < PRESENCE_TTL);
+        let hears_itself = self.own_heard_at.is_some_and(|at| now.duration_since(at) < OWN_HEARTBEAT_TTL);
         let hears_others = self.others.values().any(|at| now.duration_since(*at) < PRESENCE_TTL);
         !settled || !hears_itself || hears_others
     }
@@ -148,7 +154,20 @@ mod tests {
         assert!(presence.others_may_listen(start + SECOND), "listening for less than the TTL");
         let (alone, now) = settled_alone();
         assert!(!alone.others_may_listen(now));
-        assert!(alone.others_may_listen(now + PRESENCE_TTL), "its own heartbeat stopped arriving");
+        assert!(alone.others_may_listen(now + OWN_HEARTBEAT_TTL), "its own heartbeat stopped arriving");
+    }
+
+    #[test]
+    fn a_deaf_listener_lets_its_own_heartbeat_lapse_before_another_replicas() {
+        let (mut presence, now) = settled_alone();
+        // Both heartbeats arrive each second; the other's came just before
+        // the own one, then the listener hears nothing more.
+        presence.heard("@other", false, now - SECOND + Duration::from_millis(10));
+        let mut at = now;
+        while at < now + PRESENCE_TTL {
+            assert!(presence.others_may_listen(at), "skipped at {:?} after the last heartbeats", at - now);
+            at += Duration::from_millis(100);
+        }
     }
 
     #[test]
