@@ -43,8 +43,13 @@ pub struct Announcements {
 }
 
 impl Announcements {
-    /// Adds queues to the next announcement.
+    /// Adds queues to the next announcement; while no other replica
+    /// listens, keeps them as skipped instead, without waking the announcer.
     pub fn announce<'a>(&self, queues: impl IntoIterator<Item = &'a str>) {
+        let mut queues = queues.into_iter();
+        if self.presence().skip_if_alone(&mut queues, Instant::now()) {
+            return;
+        }
         let added = {
             let mut pending = self.pending();
             let before = pending.len();
@@ -68,14 +73,8 @@ impl Announcements {
         self.presence.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The pending queues to send now: none while no other replica listens
-    /// (they are kept for one that turns up).
     fn take(&self) -> Vec<String> {
-        let queues: Vec<String> = std::mem::take(&mut *self.pending()).into_iter().collect();
-        if queues.is_empty() {
-            return queues;
-        }
-        self.presence().worth_sending(queues, Instant::now())
+        std::mem::take(&mut *self.pending()).into_iter().collect()
     }
 
     /// The listener (re)connected: it may have missed heartbeats, so

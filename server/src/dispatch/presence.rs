@@ -84,6 +84,8 @@ impl Presence {
     pub fn heard(&mut self, origin: &str, own: bool, now: Instant) -> Vec<String> {
         if own {
             self.own_heard_at = Some(now);
+            // Once a second: forget what no replica turning up would get.
+            self.skipped.retain(|_, at| now.duration_since(*at) < SKIPPED_RETENTION);
             return Vec::new();
         }
         let known = self.others.insert(origin.to_owned(), now).is_some_and(|at| now.duration_since(at) < PRESENCE_TTL);
@@ -107,18 +109,22 @@ impl Presence {
         !settled || !hears_itself || hears_others
     }
 
-    /// The queues of an announcement that should be sent: all of them when
-    /// another replica may listen, none otherwise (they are kept as
-    /// skipped).
-    pub fn worth_sending(&mut self, queues: Vec<String>, now: Instant) -> Vec<String> {
+    /// Keeps the queues of an announcement as skipped and answers true when
+    /// no other replica listens; answers false, taking none of them, when
+    /// another may (the announcement is to be sent).
+    pub fn skip_if_alone<'a>(&mut self, queues: impl Iterator<Item = &'a str>, now: Instant) -> bool {
         if self.others_may_listen(now) {
-            return queues;
+            return false;
         }
-        self.skipped.retain(|_, at| now.duration_since(*at) < SKIPPED_RETENTION);
         for queue in queues {
-            self.skipped.insert(queue, now);
+            match self.skipped.get_mut(queue) {
+                Some(at) => *at = now,
+                None => {
+                    self.skipped.insert(queue.to_owned(), now);
+                }
+            }
         }
-        Vec::new()
+        true
     }
 }
 
@@ -130,6 +136,11 @@ mod tests {
 
     fn queues(names: &[&str]) -> Vec<String> {
         names.iter().map(|name| (*name).to_owned()).collect()
+    }
+
+    /// Whether an announcement of `names` at `now` is skipped.
+    fn skips(presence: &mut Presence, names: &[&str], now: Instant) -> bool {
+        presence.skip_if_alone(names.iter().copied(), now)
     }
 
     /// A presence whose listener connected a TTL ago and has heard its own
@@ -185,7 +196,7 @@ mod tests {
         let (mut presence, now) = settled_alone();
         assert!(presence.heard("@other", false, now).is_empty());
         assert!(presence.others_may_listen(now + SECOND));
-        assert_eq!(presence.worth_sending(queues(&["a"]), now + SECOND), queues(&["a"]));
+        assert!(!skips(&mut presence, &["a"], now + SECOND));
         presence.heard("@me", true, now + PRESENCE_TTL);
         assert!(!presence.others_may_listen(now + PRESENCE_TTL), "the other replica went quiet");
     }
@@ -193,11 +204,11 @@ mod tests {
     #[test]
     fn skipped_queues_are_announced_when_a_new_replica_is_heard() {
         let (mut presence, now) = settled_alone();
-        assert!(presence.worth_sending(queues(&["old"]), now).is_empty());
+        assert!(skips(&mut presence, &["old"], now));
         let later = now + SKIPPED_RETENTION;
         presence.heard("@me", true, later);
-        assert!(presence.worth_sending(queues(&["a", "b"]), later).is_empty());
-        assert!(presence.worth_sending(queues(&["a"]), later).is_empty());
+        assert!(skips(&mut presence, &["a", "b"], later));
+        assert!(skips(&mut presence, &["a"], later));
         let mut reannounced = presence.heard("@other", false, later + SECOND);
         reannounced.sort();
         assert_eq!(reannounced, queues(&["a", "b"]), "`old` was skipped longer ago than the retention");
@@ -211,7 +222,7 @@ mod tests {
         presence.heard("@other", false, now);
         let later = now + PRESENCE_TTL;
         presence.heard("@me", true, later);
-        assert!(presence.worth_sending(queues(&["q"]), later).is_empty());
+        assert!(skips(&mut presence, &["q"], later));
         assert_eq!(presence.heard("@other", false, later + SECOND), queues(&["q"]));
     }
 }

@@ -264,6 +264,38 @@ impl<'a> JobColumns<'a> {
             attributes: unless_all(attributes, Option::is_none),
         }
     }
+
+    /// Binds the columns as the enqueue functions take them: the keys
+    /// (ordering, dedup) only for `enqueue_jobs`, whose further arguments
+    /// the caller binds after these.
+    fn bind<'q, Row>(
+        self,
+        query: sqlx::query::QueryAs<'q, sqlx::Postgres, Row, sqlx::postgres::PgArguments>,
+        keys: KeyColumns,
+    ) -> sqlx::query::QueryAs<'q, sqlx::Postgres, Row, sqlx::postgres::PgArguments>
+    where
+        'a: 'q,
+    {
+        let query = query
+            .bind(self.queues)
+            .bind(self.kinds)
+            .bind(self.priorities)
+            .bind(self.run_at_micros)
+            .bind(self.delay_micros)
+            .bind(self.max_attempts);
+        let query = match keys {
+            KeyColumns::With => query.bind(self.ordering_keys).bind(self.dedup_keys),
+            KeyColumns::Without => query,
+        };
+        query.bind(self.lease_micros).bind(self.payloads).bind(self.attributes)
+    }
+}
+
+/// Whether an enqueue function takes the ordering and dedup key columns.
+#[derive(Clone, Copy)]
+enum KeyColumns {
+    With,
+    Without,
 }
 
 impl Store {
@@ -296,7 +328,7 @@ impl Store {
             let all: Vec<usize> = (0..jobs.len()).collect();
             let rows =
                 self.batch().run(async |connection| self.insert_jobs(connection, jobs, &all, handoffs).await).await?;
-            let rows = checked_inserted_rows(rows, all.len())?;
+            let rows = rows_in_input_order(rows, all.len(), |row| row.place)?;
             rows.iter().map(InsertedRow::record).collect()
         } else {
             self.jobs_enqueue_with_dedup(jobs).await?
@@ -334,8 +366,8 @@ impl Store {
             if pending.is_empty() {
                 break;
             }
-            let rows =
-                checked_inserted_rows(self.insert_jobs(&mut *transaction, jobs, &pending, &[]).await?, pending.len())?;
+            let rows = self.insert_jobs(&mut *transaction, jobs, &pending, &[]).await?;
+            let rows = rows_in_input_order(rows, pending.len(), |row| row.place)?;
             let mut conflicted: Vec<usize> = Vec::new();
             for (index, row) in pending.drain(..).zip(rows) {
                 if row.inserted {
@@ -417,25 +449,16 @@ impl Store {
             handoff_lease_micros.push(handoff.and_then(|handoff| handoff.lease_duration).map(micros));
         }
         let columns = JobColumns::new(indexes.iter().map(|index| &jobs[*index]));
-        sqlx::query_as(
+        let query = sqlx::query_as(
             "SELECT * FROM workbroker.enqueue_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-        )
-        .bind(columns.queues)
-        .bind(columns.kinds)
-        .bind(columns.priorities)
-        .bind(columns.run_at_micros)
-        .bind(columns.delay_micros)
-        .bind(columns.max_attempts)
-        .bind(columns.ordering_keys)
-        .bind(columns.dedup_keys)
-        .bind(columns.lease_micros)
-        .bind(columns.payloads)
-        .bind(columns.attributes)
-        .bind(unless_all(handoff_workers, Option::is_none))
-        .bind(unless_all(handoff_lease_micros, Option::is_none))
-        .bind(None::<&str>)
-        .fetch_all(executor)
-        .await
+        );
+        columns
+            .bind(query, KeyColumns::With)
+            .bind(unless_all(handoff_workers, Option::is_none))
+            .bind(unless_all(handoff_lease_micros, Option::is_none))
+            .bind(None::<&str>)
+            .fetch_all(executor)
+            .await
     }
 
     /// Inserts `jobs`, none of which has an ordering key or a dedup key, as
@@ -447,25 +470,10 @@ impl Store {
     async fn insert_plain_jobs(&self, jobs: &[NewJobRecord]) -> Result<Vec<EnqueuedRecord>> {
         let count = jobs.len();
         let columns = JobColumns::new(jobs.iter());
-        let query = sqlx::query_as(ENQUEUE_PLAIN_JOBS)
-            .bind(columns.queues)
-            .bind(columns.kinds)
-            .bind(columns.priorities)
-            .bind(columns.run_at_micros)
-            .bind(columns.delay_micros)
-            .bind(columns.max_attempts)
-            .bind(columns.lease_micros)
-            .bind(columns.payloads)
-            .bind(columns.attributes);
-        let mut rows: Vec<(i64, i64)> = self.batch().run(async |connection| query.fetch_all(connection).await).await?;
-        if rows.len() != count {
-            return Err(Error::Conflict(format!("enqueue answered {} rows for {count} jobs", rows.len())));
-        }
+        let query = columns.bind(sqlx::query_as(ENQUEUE_PLAIN_JOBS), KeyColumns::Without);
+        let rows: Vec<(i64, i64)> = self.batch().run(async |connection| query.fetch_all(connection).await).await?;
         // Ids are drawn in input order, so id order is input order.
-        if !rows.is_sorted_by_key(|(id, _)| *id) {
-            rows.sort_unstable_by_key(|(id, _)| *id);
-        }
-        Ok(rows
+        Ok(rows_in_input_order(rows, count, |(id, _)| *id)?
             .into_iter()
             .map(|(job_id, sequence)| EnqueuedRecord { job_id, sequence, deduplicated: false, handed_off: None })
             .collect())
@@ -972,15 +980,19 @@ impl Store {
     }
 }
 
-/// The rows `enqueue_jobs` answered for `count` jobs, in input order.
-fn checked_inserted_rows(mut rows: Vec<InsertedRow>, count: usize) -> Result<Vec<InsertedRow>> {
-    // The function answers in input order in practice; nothing in SQL
-    // promises it without a sort, so check (cheap) rather than trust.
-    if !rows.is_sorted_by_key(|row| row.place) {
-        rows.sort_unstable_by_key(|row| row.place);
-    }
+/// The rows an enqueue function answered for `count` jobs, in input order
+/// (by `place`). The functions answer in input order in practice; nothing
+/// in SQL promises it without a sort, so check (cheap) rather than trust.
+fn rows_in_input_order<Row, Place: Ord>(
+    mut rows: Vec<Row>,
+    count: usize,
+    place: impl Fn(&Row) -> Place,
+) -> Result<Vec<Row>> {
     if rows.len() != count {
         return Err(Error::Conflict(format!("enqueue answered {} rows for {count} jobs", rows.len())));
+    }
+    if !rows.is_sorted_by_key(&place) {
+        rows.sort_unstable_by_key(place);
     }
     Ok(rows)
 }
