@@ -267,6 +267,90 @@ async fn one_enqueue_of_many_jobs_answers_each_job_in_request_order() -> Result<
 }
 
 #[tokio::test]
+async fn jobs_that_set_only_kind_and_payload_are_answered_in_request_order_with_their_queues_defaults() -> Result<()> {
+    // Such a batch of one queue goes to the narrowest enqueue statement
+    // (migration 0016), which falls back to the one that creates the queue
+    // when it does not exist yet. Either way the answer's n-th id must be
+    // the n-th job, stored as sent with its queue's defaults (an attempt
+    // limit read from the queue's row), numbered in request order. Function
+    // statistics tell which statements ran.
+    let database = TestDatabase::create().await?;
+    let pool = database.pool().await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("ALTER DATABASE {} SET track_functions = 'pl'", database.name)))
+        .execute(&pool)
+        .await?;
+    let config = test_config(&database.url);
+    let broker = TestBroker::start_with(database, config).await?;
+    let mut client = broker.broker().await;
+    let mut admin = broker.admin().await;
+    let batch = |round: usize| -> Vec<v1::NewJob> {
+        (0..50_usize)
+            .map(|index| {
+                let mut job = new_job("defaults", ["k", "l", "m"][index % 3]);
+                if index % 4 != 0 {
+                    job.payload = format!("round-{round}-job-{index}").into_bytes();
+                }
+                job
+            })
+            .collect()
+    };
+    let mut last_sequence = 0;
+    for round in 0..3 {
+        let max_attempts = if round == 2 {
+            admin
+                .configure_queue(v1::ConfigureQueueRequest {
+                    queue: "defaults".into(),
+                    max_attempts: Some(7),
+                    ..Default::default()
+                })
+                .await?;
+            7
+        } else {
+            25
+        };
+        let jobs = batch(round);
+        let answer = client.enqueue(v1::EnqueueRequest { jobs: jobs.clone() }).await?.into_inner().jobs;
+        assert_eq!(answer.len(), jobs.len());
+        for (job, enqueued) in jobs.iter().zip(&answer) {
+            let stored = get_job(&mut client, &enqueued.job_id).await?;
+            assert_eq!(stored.payload, job.payload, "job {} answered with another job's id", enqueued.job_id);
+            assert_eq!(
+                (stored.queue.as_str(), stored.kind.as_str(), stored.priority),
+                ("defaults", job.kind.as_str(), 0)
+            );
+            assert_eq!((stored.state, stored.max_attempts), (v1::JobState::Available as i32, max_attempts));
+            assert!(stored.attributes.is_empty());
+            assert_eq!(stored.sequence, enqueued.sequence);
+            assert!(enqueued.sequence > last_sequence, "sequences follow the request order");
+            last_sequence = enqueued.sequence;
+        }
+    }
+    // Three calls of the narrow statement; the first created the queue
+    // through `enqueue_plain_jobs`; the statement for jobs with options never ran.
+    let calls = async || -> Result<Vec<(String, i64)>> {
+        let mut connection = pool.acquire().await?;
+        sqlx::query("SELECT pg_stat_clear_snapshot()").execute(&mut *connection).await?;
+        Ok(sqlx::query_as(
+            "SELECT funcname::text, calls FROM pg_stat_user_functions \
+              WHERE schemaname = 'workbroker' AND funcname LIKE 'enqueue%jobs' ORDER BY funcname",
+        )
+        .fetch_all(&mut *connection)
+        .await?)
+    };
+    let expected = vec![("enqueue_default_jobs".to_owned(), 3), ("enqueue_plain_jobs".to_owned(), 1)];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = calls().await?;
+    // Backends report their statistics when idle, at most once a second.
+    while seen != expected && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        seen = calls().await?;
+    }
+    assert_eq!(seen, expected);
+    pool.close().await;
+    broker.finish().await
+}
+
+#[tokio::test]
 async fn delayed_jobs_wait_for_their_time_then_arrive_promptly() -> Result<()> {
     let broker = TestBroker::start().await?;
     let mut client = broker.broker().await;

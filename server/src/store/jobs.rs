@@ -26,6 +26,10 @@ use super::{
 const ENQUEUE_PLAIN_JOBS: &str =
     "SELECT * FROM workbroker.enqueue_known_queue_jobs($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 
+/// The enqueue of a plain batch of one queue whose jobs set nothing but a
+/// kind and a payload (migration 0016).
+const ENQUEUE_DEFAULT_JOBS: &str = "SELECT * FROM workbroker.enqueue_default_jobs($1, $2, $3)";
+
 /// Columns of a job read from the `all_jobs` view (public state included).
 macro_rules! job_fields {
     () => {
@@ -265,6 +269,22 @@ impl<'a> JobColumns<'a> {
         }
     }
 
+    /// The one queue of a batch whose jobs set nothing but their kind and
+    /// payload (no priority, time, attempt limit, keys, lease duration or
+    /// attributes); `None` for any other batch.
+    fn defaults_only(&self) -> Option<&'a str> {
+        let first = *self.queues.first()?;
+        let defaults = self.priorities.is_none()
+            && self.run_at_micros.is_none()
+            && self.delay_micros.is_none()
+            && self.max_attempts.is_none()
+            && self.ordering_keys.is_none()
+            && self.dedup_keys.is_none()
+            && self.lease_micros.is_none()
+            && self.attributes.is_none();
+        (defaults && self.queues.iter().all(|queue| *queue == first)).then_some(first)
+    }
+
     /// Binds the columns as the enqueue functions take them: the keys
     /// (ordering, dedup) only for `enqueue_jobs`, whose further arguments
     /// the caller binds after these.
@@ -465,12 +485,17 @@ impl Store {
     /// waiting jobs with one call of `workbroker.enqueue_known_queue_jobs`
     /// (migration 0015; for a batch of one existing queue, otherwise
     /// `enqueue_plain_jobs` of migrations 0012 and 0014), which does what
-    /// `enqueue_jobs` does for such jobs with a narrower statement. Answers
-    /// in the order of `jobs`.
+    /// `enqueue_jobs` does for such jobs with a narrower statement; a batch
+    /// of one queue whose jobs set only kind and payload goes to the
+    /// narrower still `enqueue_default_jobs` (migration 0016). Answers in
+    /// the order of `jobs`.
     async fn insert_plain_jobs(&self, jobs: &[NewJobRecord]) -> Result<Vec<EnqueuedRecord>> {
         let count = jobs.len();
         let columns = JobColumns::new(jobs.iter());
-        let query = columns.bind(sqlx::query_as(ENQUEUE_PLAIN_JOBS), KeyColumns::Without);
+        let query = match columns.defaults_only() {
+            Some(queue) => sqlx::query_as(ENQUEUE_DEFAULT_JOBS).bind(queue).bind(columns.kinds).bind(columns.payloads),
+            None => columns.bind(sqlx::query_as(ENQUEUE_PLAIN_JOBS), KeyColumns::Without),
+        };
         let rows: Vec<(i64, i64)> = self.batch().run(async |connection| query.fetch_all(connection).await).await?;
         // Ids are drawn in input order, so id order is input order.
         Ok(rows_in_input_order(rows, count, |(id, _)| *id)?
@@ -1008,4 +1033,52 @@ fn settle_outcome(code: i16) -> SettleOutcome {
 /// Microseconds as a `Duration`, clamping negatives to zero.
 pub(crate) fn duration_from_micros(value: i64) -> Duration {
     Duration::from_micros(u64::try_from(value).unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plain(queue: &str, payload: &[u8]) -> NewJobRecord {
+        NewJobRecord {
+            queue: queue.to_owned(),
+            kind: "k".to_owned(),
+            payload: payload.to_vec(),
+            attributes_json: "{}".to_owned(),
+            priority: 0,
+            run_at: RunAt::Now,
+            max_attempts: None,
+            ordering_key: None,
+            dedup_key: None,
+            lease_duration: None,
+        }
+    }
+
+    fn defaults_only(jobs: &[NewJobRecord]) -> Option<&str> {
+        JobColumns::new(jobs.iter()).defaults_only()
+    }
+
+    #[test]
+    fn only_a_batch_of_one_queue_whose_jobs_set_kind_and_payload_alone_takes_the_default_statement() {
+        let jobs = vec![plain("a", b""), plain("a", b"payload"), plain("a", b"")];
+        assert_eq!(defaults_only(&jobs), Some("a"));
+        assert_eq!(defaults_only(&[]), None);
+
+        let changes: [fn(&mut NewJobRecord); 9] = [
+            |job| job.queue = "b".to_owned(),
+            |job| job.priority = 1,
+            |job| job.run_at = RunAt::After(Duration::from_secs(1)),
+            |job| job.run_at = RunAt::At { unix_micros: 1 },
+            |job| job.max_attempts = Some(3),
+            |job| job.lease_duration = Some(Duration::from_secs(30)),
+            |job| job.attributes_json = r#"{"a":"b"}"#.to_owned(),
+            |job| job.ordering_key = Some("key".to_owned()),
+            |job| job.dedup_key = Some("key".to_owned()),
+        ];
+        for change in changes {
+            let mut changed = jobs.clone();
+            change(&mut changed[1]);
+            assert_eq!(defaults_only(&changed), None);
+        }
+    }
 }
