@@ -163,6 +163,7 @@ pub async fn run_with_admin_listener(
     let dispatcher = Dispatcher::with_metrics(store.clone(), metrics.clone());
     background.spawn(NotificationListener::new(store.clone(), dispatcher.clone()).run(background_stop.clone()));
     background.spawn(dispatcher.announcer().run(background_stop.clone()));
+    background.spawn(dispatcher.heartbeat().run(background_stop.clone()));
     background.spawn(KeptConnectionSweeper::new(store.clone()).run(background_stop.clone()));
     let batchers = Batchers::start(&store, &dispatcher, config.batchers, &background, &background_stop, &metrics);
     background.spawn(MetricsRefresher::new(store.clone(), metrics.clone()).run(background_stop.clone()));

@@ -45,7 +45,11 @@ async fn listen(listener: &mut PgListener, wait: Duration, done: impl Fn(&Heard)
 }
 
 async fn bare_listener(broker: &TestBroker) -> Result<PgListener> {
-    let mut listener = PgListener::connect(&broker.database.url).await?;
+    bare_listener_on(&broker.database).await
+}
+
+async fn bare_listener_on(database: &TestDatabase) -> Result<PgListener> {
+    let mut listener = PgListener::connect(&database.url).await?;
     listener.listen_all(["workbroker_jobs", "workbroker_leases"]).await?;
     Ok(listener)
 }
@@ -139,4 +143,40 @@ async fn a_dry_stream_looks_again_at_its_idle_recheck_while_its_worker_keeps_sen
     assert!(leased[0].job.as_ref().is_some_and(|job| job.queue == "unannounced"));
     pool.close().await;
     broker.finish().await
+}
+
+#[tokio::test]
+async fn heartbeats_go_out_while_every_pooled_connection_is_taken() -> Result<()> {
+    // A replica whose hot statements hold all its pooled connections must
+    // not fall silent (the others would take it for gone and stop
+    // announcing their jobs to it): the heartbeat has a connection of its own.
+    let database = TestDatabase::create().await?;
+    let mut config = test_config(&database.url).store;
+    config.max_connections = 4;
+    config.batch_connections = 2;
+    config.acquire_timeout = Duration::from_millis(500);
+    let store = workbroker_server::store::Store::connect_lazy(&config)?;
+    let mut held = Vec::new();
+    while let Ok(connection) = store.pool().acquire().await {
+        held.push(connection);
+    }
+    assert_eq!(held.len(), 2, "the hot pool is taken");
+
+    let mut listener = bare_listener_on(&database).await?;
+    let dispatcher = workbroker_server::dispatch::Dispatcher::new(store.clone());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let heartbeat = tokio::spawn(dispatcher.heartbeat().run(shutdown.clone()));
+    let heard = listen(&mut listener, Duration::from_secs(5), |heard| !heard.heartbeats.is_empty()).await?;
+    assert_eq!(
+        heard.heartbeats.first().map(String::as_str),
+        Some(store.notify_suffix()),
+        "this replica's heartbeat: {heard:?}"
+    );
+    assert!(store.pool().acquire().await.is_err(), "the hot pool was still taken");
+
+    shutdown.cancel();
+    heartbeat.await?;
+    drop(held);
+    store.pool().close().await;
+    database.drop_database().await
 }

@@ -13,19 +13,20 @@
 //! Notifications are wake-up hints, never the only way to find work: a
 //! replica that misses one finds the jobs at its streams' idle re-check.
 //!
-//! The announcer also sends this replica's heartbeat, and announces nothing
-//! while it is sure that no other replica listens ([`super::presence`]).
+//! The announcer announces nothing while it is sure that no other replica
+//! listens ([`super::presence`], from the heartbeats that
+//! [`super::heartbeat`] sends).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::presence::{self, HEARTBEAT_INTERVAL, Presence};
-use crate::store::{self, LEASES_CHANNEL, Store};
+use super::presence::Presence;
+use crate::store::{self, Store};
 
 /// Wait after a failed announcement before trying again.
 const RETRY_DELAY: Duration = Duration::from_millis(200);
@@ -38,7 +39,7 @@ pub struct Announcements {
     ready: Notify,
     /// Who listens, from the heartbeats the listener hears.
     presence: Mutex<Presence>,
-    /// Asks the announcer for a heartbeat now (the listener reconnected).
+    /// Asks the heartbeat for a beat now (the listener reconnected).
     beat: Notify,
 }
 
@@ -85,6 +86,11 @@ impl Announcements {
         self.beat.notify_one();
     }
 
+    /// Resolves when the listener asks for a heartbeat now.
+    pub(crate) async fn beat_requested(&self) {
+        self.beat.notified().await;
+    }
+
     /// The listener lost its connection.
     pub fn listening_stopped(&self) {
         self.presence().listening_stopped();
@@ -118,16 +124,9 @@ impl Announcer {
     /// tries again with whatever is pending by then.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failing = false;
-        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
-        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             let sent = tokio::select! {
                 () = self.announcements.ready.notified() => self.send_pending().await,
-                _ = heartbeat.tick() => self.send_heartbeat().await,
-                () = self.announcements.beat.notified() => {
-                    heartbeat.reset();
-                    self.send_heartbeat().await
-                }
                 () = shutdown.cancelled() => {
                     let _ = self.send_pending().await;
                     return;
@@ -142,7 +141,7 @@ impl Announcer {
                 Err(error) => {
                     if !failing {
                         failing = true;
-                        tracing::warn!(%error, "could not notify the other replicas (new jobs, heartbeat); they find new jobs at their idle re-check until this recovers");
+                        tracing::warn!(%error, "could not notify the other replicas of new jobs; they find them at their idle re-check until this recovers");
                     }
                     tokio::select! {
                         () = tokio::time::sleep(RETRY_DELAY) => {}
@@ -151,12 +150,6 @@ impl Announcer {
                 }
             }
         }
-    }
-
-    /// Tells every listener, this replica's own included, that this
-    /// replica is here.
-    async fn send_heartbeat(&self) -> Result<(), store::Error> {
-        self.store.notify(LEASES_CHANNEL, &presence::heartbeat_payload(self.store.notify_suffix())).await
     }
 
     /// Sends what is pending; on failure puts it back, so that the next

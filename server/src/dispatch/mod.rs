@@ -28,6 +28,7 @@
 pub mod announcer;
 pub mod batcher;
 mod handoff;
+pub mod heartbeat;
 pub mod listener;
 mod presence;
 
@@ -269,6 +270,11 @@ impl Dispatcher {
     /// broker runs exactly one per dispatcher.
     pub fn announcer(&self) -> announcer::Announcer {
         announcer::Announcer::new(self.store.clone(), self.announcements.clone())
+    }
+
+    /// The loop that sends this replica's heartbeat (see [`heartbeat`]).
+    pub fn heartbeat(&self) -> heartbeat::Heartbeat {
+        heartbeat::Heartbeat::new(self.store.clone(), self.announcements.clone())
     }
 
     /// Queue and trace context of held leases (`None` for leases no local

@@ -1,7 +1,7 @@
 //! Which other replicas listen: a replica alone on its database need not
 //! announce its jobs to nobody.
 //!
-//! Every replica's [`super::announcer::Announcer`] sends a heartbeat,
+//! Every replica's [`super::heartbeat::Heartbeat`] sends a heartbeat,
 //! `present:<origin>` on `workbroker_leases`, every [`HEARTBEAT_INTERVAL`]
 //! and as soon as its listener (re)connects. Each listener records the
 //! heartbeats it hears, its own included, in [`Presence`], and so does every

@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{
@@ -21,6 +22,11 @@ use super::{
     LeaseParams, ListParams, NackItem, NackResult, NewJobRecord, ReleaseAttempt, Result, ReturnedJob, RunAt,
     SettleOutcome, Settled, Store,
 };
+
+/// One notification per payload (`$2`) on a channel (`$1`), committed
+/// asynchronously ([`Store::notify_many`] says why).
+const NOTIFY_MANY: &str = "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, p.payload) \
+                           FROM unnest($2::text[]) AS p(payload)";
 
 /// The enqueue of a plain batch (migration 0015).
 const ENQUEUE_PLAIN_JOBS: &str =
@@ -985,12 +991,7 @@ impl Store {
     /// connection too, and look again when they reconnect).
     pub async fn notify_many<Payload: AsRef<str>>(&self, channel: &str, payloads: &[Payload]) -> Result<()> {
         let payloads: Vec<&str> = payloads.iter().map(AsRef::as_ref).collect();
-        let query = sqlx::query(
-            "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, p.payload) \
-               FROM unnest($2::text[]) AS p(payload)",
-        )
-        .bind(channel)
-        .bind(&payloads);
+        let query = sqlx::query(NOTIFY_MANY).bind(channel).bind(&payloads);
         self.hot.run(async |connection| query.execute(connection).await).await?;
         Ok(())
     }
@@ -1003,6 +1004,14 @@ impl Store {
         let payloads: Vec<String> = queues.iter().map(|queue| format!("{queue}{}", self.notify_suffix())).collect();
         self.notify_many(super::JOBS_CHANNEL, &payloads).await
     }
+}
+
+/// Sends one notification on `connection` (a connection of its own, see
+/// [`Store::connect_dedicated`]), committed asynchronously like
+/// [`Store::notify_many`]'s.
+pub async fn notify_on(connection: &mut PgConnection, channel: &str, payload: &str) -> Result<()> {
+    sqlx::query(NOTIFY_MANY).bind(channel).bind([payload]).execute(connection).await?;
+    Ok(())
 }
 
 /// The rows an enqueue function answered for `count` jobs, in input order

@@ -33,11 +33,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 pub use error::{Error, Result};
+pub use jobs::notify_on;
 pub use queues::{QueueRecord, QueueSettingsPatch, QueueStatsRecord, QueueWatermark};
 pub use warm::KeptConnectionSweeper;
 use warm::WarmPool;
@@ -184,6 +185,11 @@ impl Store {
     /// enqueues.
     pub fn notify_suffix(&self) -> &str {
         &self.notify_suffix
+    }
+
+    /// A connection of its own, outside the pools, with their settings.
+    pub async fn connect_dedicated(&self) -> Result<PgConnection> {
+        Ok(PgConnection::connect_with(&self.pool().connect_options()).await?)
     }
 
     /// The hot path's pool, for statements off the hot path, LISTEN
@@ -371,6 +377,14 @@ pub struct JobRecord {
 }
 
 /// Public job states as stored numbers (equal to the proto enum).
+/// Closes a connection of its own ([`Store::connect_dedicated`]) politely;
+/// one that fails to close is dropped all the same.
+pub async fn close_connection(connection: PgConnection) {
+    if let Err(error) = connection.close().await {
+        tracing::debug!(%error, "closing a dedicated connection failed");
+    }
+}
+
 pub mod state {
     pub const SCHEDULED: i16 = 1;
     pub const AVAILABLE: i16 = 2;
