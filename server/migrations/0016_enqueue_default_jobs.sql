@@ -21,7 +21,8 @@
 --   Shards are computed once, when a job is inserted, and stored; jobs that
 --   exist keep theirs. Keyed jobs hash their key as before.
 -- * The job id sequence caches 1,000 values per session, so most ids are
---   drawn without the sequence's buffer lock and WAL record. Ids within a
+--   drawn without locking the sequence's buffer (its WAL record came once
+--   every 32 ids already, and now once every 1,000). Ids within a
 --   session still increase (what every enqueue function relies on to answer
 --   in input order); across sessions they are unique but no longer in
 --   commit order, which nothing reads them for (jobs are ordered by queue

@@ -1071,6 +1071,10 @@ mod tests {
     fn only_a_batch_of_one_queue_whose_jobs_set_kind_and_payload_alone_takes_the_default_statement() {
         let jobs = vec![plain("a", b""), plain("a", b"payload"), plain("a", b"")];
         assert_eq!(defaults_only(&jobs), Some("a"));
+        assert_eq!(defaults_only(&[plain("a", b""), plain("a", b"")]), Some("a"), "no payloads at all");
+        let mut no_delay = jobs.clone();
+        no_delay[0].run_at = RunAt::After(Duration::ZERO);
+        assert_eq!(defaults_only(&no_delay), Some("a"), "a delay of zero is the default");
         assert_eq!(defaults_only(&[]), None);
 
         let changes: [fn(&mut NewJobRecord); 9] = [
