@@ -376,7 +376,6 @@ pub struct JobRecord {
     pub result: Option<Vec<u8>>,
 }
 
-/// Public job states as stored numbers (equal to the proto enum).
 /// Closes a connection of its own ([`Store::connect_dedicated`]) politely;
 /// one that fails to close is dropped all the same.
 pub async fn close_connection(connection: PgConnection) {
@@ -385,6 +384,7 @@ pub async fn close_connection(connection: PgConnection) {
     }
 }
 
+/// Public job states as stored numbers (equal to the proto enum).
 pub mod state {
     pub const SCHEDULED: i16 = 1;
     pub const AVAILABLE: i16 = 2;
