@@ -9,12 +9,17 @@
 # pgbench connects the way the broker does: without TLS (the broker's
 # PostgreSQL driver is built without it), so neither side pays for
 # encryption the other does not (CEILING_SSLMODE overrides, e.g. `prefer`).
-# Usage: scripts/bench-sql-ceiling.sh OUTPUT.json [SECONDS] [RUNS]
+# Usage: scripts/bench-sql-ceiling.sh OUTPUT.json [SECONDS] [RUNS] [NAMES]
+# NAMES (comma-separated, default all four) measures only those: the form
+# `workbroker-bench --ceiling-script` runs before each repetition of a
+# scenario, so that each run has a ceiling measured just before it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-output="${1:?usage: $0 OUTPUT.json [SECONDS] [RUNS]}"
+output="${1:?usage: $0 OUTPUT.json [SECONDS] [RUNS] [NAMES]}"
 seconds="${2:-10}"
 runs="${3:-3}"
+names=",${4:-bulk_insert_1000,single_insert_16,drain_lease100_delete100,lifecycle_100},"
+wanted() { [[ "$names" == *",$1,"* ]]; }
 : "${DATABASE_URL:?set DATABASE_URL to a PostgreSQL server}"
 name="wbceiling_$$_$(date +%s)"
 server_url="$DATABASE_URL"
@@ -49,20 +54,23 @@ drain_run() {
 }
 lifecycle_run() { pgbench -n -T "$seconds" -c 4 -j 2 -f bench/pgbench/lifecycle_100.sql "$url" 2>/dev/null | tps; }
 
-bulk=$(median bulk_run)
-single=$(median single_run)
-drain=$(median drain_run)
-lifecycle=$(median lifecycle_run)
+# Each figure in jobs/s; a ceiling not asked for is left out.
+bulk=-1 single=-1 drain=-1 lifecycle=-1
+if wanted bulk_insert_1000; then bulk=$(median bulk_run); fi
+if wanted single_insert_16; then single=$(median single_run); fi
+if wanted drain_lease100_delete100; then drain=$(median drain_run); fi
+if wanted lifecycle_100; then lifecycle=$(median lifecycle_run); fi
 
 python3 - "$output" "$bulk" "$single" "$drain" "$lifecycle" <<'PY'
 import json, sys
 out, bulk, single, drain, lifecycle = sys.argv[1], *map(float, sys.argv[2:])
-ceilings = {
+measured = {
     "bulk_insert_1000": bulk * 1000,
     "single_insert_16": single,
     "drain_lease100_delete100": drain * 100,
     "lifecycle_100": lifecycle * 100,
 }
+ceilings = {name: value for name, value in measured.items() if value >= 0}
 json.dump(ceilings, open(out, "w"), indent=2)
 for name, value in ceilings.items():
     print(f"{name:<28} {value:>12.0f} jobs/s")

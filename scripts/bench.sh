@@ -5,7 +5,9 @@
 # PostgreSQL when DATABASE_URL is not set.
 #
 # Usage: scripts/bench.sh [workbroker-bench arguments...]   (default: all; each
-# scenario 3 times, the median shown: --repeat N changes it)
+# scenario 3 times, the median shown: --repeat N changes it). Each run of a
+# scenario with a ceiling is also paired with that ceiling measured just
+# before it (one pgbench run), so that each run has its own ratio.
 # Results: bench/results/latest.json and the table on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,4 +23,5 @@ scripts/bench-sql-ceiling.sh bench/results/ceilings.json "${WORKBROKER_CEILING_S
 log "scenarios"
 if [ "$#" -eq 0 ]; then set -- all; fi
 target/release/workbroker-bench --start --ceilings bench/results/ceilings.json \
+    --ceiling-script scripts/bench-sql-ceiling.sh --ceiling-seconds "${WORKBROKER_CEILING_SECONDS:-10}" \
     --json bench/results/latest.json "$@"

@@ -15,7 +15,7 @@ mod report;
 mod scenarios;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -90,9 +90,13 @@ struct Args {
     /// Leases held at once while RSS is sampled (backlog scenario).
     #[arg(long, default_value_t = 10_000)]
     leases_in_flight: u32,
-    /// Jobs drained (and timed) from each backlog.
+    /// Jobs drained (and timed) from each backlog per round.
     #[arg(long, default_value_t = 10_000)]
     backlog_drain: u64,
+    /// Timed rounds of the backlog scenario in each run (after an untimed
+    /// one); each round drains both backlogs back to back.
+    #[arg(long, default_value_t = 9)]
+    backlog_rounds: usize,
     /// Completed-job retention of the steady scenario's queue, in seconds.
     #[arg(long, default_value_t = 60)]
     steady_retention_seconds: u64,
@@ -109,9 +113,53 @@ struct Args {
     /// Ceilings JSON from scripts/bench-sql-ceiling.sh.
     #[arg(long)]
     ceilings: Option<PathBuf>,
+    /// Measure the scenario's raw SQL ceiling with this script
+    /// (scripts/bench-sql-ceiling.sh) just before each run of a scenario that
+    /// has one, and report each run's ratio to it ("paired").
+    #[arg(long)]
+    ceiling_script: Option<PathBuf>,
+    /// Seconds of each timed pgbench run of --ceiling-script.
+    #[arg(long, default_value_t = 10)]
+    ceiling_seconds: u64,
     /// Where to write the JSON report.
     #[arg(long)]
     json: Option<PathBuf>,
+}
+
+impl Scenario {
+    /// The raw SQL ceiling (a name of scripts/bench-sql-ceiling.sh) the
+    /// scenario's rate is compared with.
+    fn ceiling(self) -> Option<&'static str> {
+        match self {
+            Self::EnqueueBulk => Some("bulk_insert_1000"),
+            Self::EnqueueSingle => Some("single_insert_16"),
+            Self::Drain | Self::Ordered => Some("drain_lease100_delete100"),
+            Self::Steady => Some("lifecycle_100"),
+            Self::Latency | Self::Backlog | Self::All => None,
+        }
+    }
+}
+
+/// Measures one ceiling once with `script` (see `--ceiling-script`), on the
+/// server of `database_url`.
+async fn measure_ceiling(script: &Path, database_url: &str, name: &'static str, seconds: u64) -> Result<f64> {
+    let output = std::env::temp_dir().join(format!("workbroker-bench-ceiling-{}.json", std::process::id()));
+    let status = {
+        let mut command = std::process::Command::new(script);
+        command
+            .arg(&output)
+            .arg(seconds.to_string())
+            .arg("1")
+            .arg(name)
+            .env("DATABASE_URL", database_url)
+            .stdout(std::process::Stdio::null());
+        tokio::task::spawn_blocking(move || command.status()).await?
+    }
+    .with_context(|| format!("run {}", script.display()))?;
+    anyhow::ensure!(status.success(), "{} {name}: {status}", script.display());
+    let ceilings: BTreeMap<String, f64> = serde_json::from_slice(&std::fs::read(&output)?)?;
+    let _ = std::fs::remove_file(&output);
+    ceilings.get(name).copied().with_context(|| format!("{} did not measure {name}", script.display()))
 }
 
 /// One run of a scenario; a scenario that fails is reported as such.
@@ -194,12 +242,27 @@ async fn main() -> Result<()> {
                 keys: args.keys,
                 leases_in_flight: args.leases_in_flight,
                 backlog_drain: args.backlog_drain,
+                backlog_rounds: args.backlog_rounds.max(1),
                 steady_retention: Duration::from_secs(args.steady_retention_seconds),
                 size_sample_interval: Duration::from_secs(args.size_sample_seconds.max(1)),
                 run,
                 worker_endpoints: args.worker_endpoints.clone(),
             };
-            repetitions.push(run_scenario(scenario, &broker, &sizes, &args.rates).await);
+            let paired = match (&args.ceiling_script, scenario.ceiling()) {
+                (Some(script), Some(name)) => {
+                    let ceiling = measure_ceiling(script, &args.database_url, name, args.ceiling_seconds).await?;
+                    eprintln!("  {name} just before run {run}: {ceiling:.0} jobs/s");
+                    Some((name, ceiling))
+                }
+                _ => None,
+            };
+            let mut outcome = run_scenario(scenario, &broker, &sizes, &args.rates).await;
+            if let Some((name, ceiling)) = paired {
+                for result in outcome.iter_mut().filter(|result| result.ceiling == Some(name) && result.jobs > 0) {
+                    report::pair_ceiling(result, ceiling);
+                }
+            }
+            repetitions.push(outcome);
             // Every run starts from empty tables: leftovers of one (a filled
             // queue nobody drains, a million-job backlog) would weigh on the next.
             broker.clean_up().await?;

@@ -34,7 +34,16 @@ pub struct ScenarioResult {
     pub ceiling: Option<&'static str>,
     /// jobs_per_second / ceiling, when the ceiling was measured.
     pub ratio: Option<f64>,
-    /// Every repetition, when the figures above are their median.
+    /// The same ceiling measured just before this run (`--ceiling-script`);
+    /// for a large backlog's drain, the small backlog's drain rate in the
+    /// same round. For a median, the median of the runs' paired ceilings.
+    pub paired_ceiling: Option<f64>,
+    /// jobs_per_second / paired_ceiling; for a median, the median of the
+    /// runs' own ratios, which a machine whose speed drifts over the run
+    /// leaves alone where it moves the run-wide `ratio`.
+    pub paired_ratio: Option<f64>,
+    /// Every repetition in the order it ran, when the figures above are
+    /// their median.
     pub runs: Vec<ScenarioResult>,
     pub notes: Vec<String>,
 }
@@ -54,38 +63,53 @@ pub fn failed(name: &str, error: &anyhow::Error) -> ScenarioResult {
         size_samples: Vec::new(),
         ceiling: None,
         ratio: None,
+        paired_ceiling: None,
+        paired_ratio: None,
         runs: Vec::new(),
         notes: vec![format!("{error:#}")],
     }
 }
 
+/// The middle value (the upper one of an even count); `None` when empty.
+fn middle(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
+}
+
 /// The median of repeated runs of one scenario: the run with the median
-/// rate (for latency runs, the median of each percentile), carrying every
-/// run in `runs`.
-pub fn median(mut runs: Vec<ScenarioResult>) -> Option<ScenarioResult> {
-    runs.sort_by(|a, b| a.jobs_per_second.total_cmp(&b.jobs_per_second));
-    let mut median = runs.get(runs.len() / 2)?.clone();
+/// rate (for latency runs, the median of each percentile; with paired
+/// ceilings, the median of the runs' own ratios), carrying every run in
+/// `runs` in the order they ran.
+pub fn median(runs: Vec<ScenarioResult>) -> Option<ScenarioResult> {
+    median_of(runs, "runs")
+}
+
+/// [`median`], naming the repetitions `what` in its note.
+pub fn median_of(runs: Vec<ScenarioResult>, what: &str) -> Option<ScenarioResult> {
+    let mut by_rate: Vec<&ScenarioResult> = runs.iter().collect();
+    by_rate.sort_by(|a, b| a.jobs_per_second.total_cmp(&b.jobs_per_second));
+    let mut median = (*by_rate.get(runs.len() / 2)?).clone();
     if runs.len() == 1 {
         return Some(median);
     }
-    let middle = |mut values: Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
     if let Some(latency) = &mut median.latency {
         let all: Vec<&Latency> = runs.iter().filter_map(|run| run.latency.as_ref()).collect();
-        latency.p50_ms = middle(all.iter().map(|latency| latency.p50_ms).collect());
-        latency.p90_ms = middle(all.iter().map(|latency| latency.p90_ms).collect());
-        latency.p99_ms = middle(all.iter().map(|latency| latency.p99_ms).collect());
-        latency.max_ms = middle(all.iter().map(|latency| latency.max_ms).collect());
+        let of = |value: fn(&Latency) -> f64| middle(all.iter().map(|latency| value(latency)).collect());
+        latency.p50_ms = of(|latency| latency.p50_ms).unwrap_or(latency.p50_ms);
+        latency.p90_ms = of(|latency| latency.p90_ms).unwrap_or(latency.p90_ms);
+        latency.p99_ms = of(|latency| latency.p99_ms).unwrap_or(latency.p99_ms);
+        latency.max_ms = of(|latency| latency.max_ms).unwrap_or(latency.max_ms);
     }
+    median.paired_ceiling = middle(runs.iter().filter_map(|run| run.paired_ceiling).collect());
+    median.paired_ratio = middle(runs.iter().filter_map(|run| run.paired_ratio).collect());
     median.notes.push(format!(
-        "median of {} runs: {}",
+        "median of {} {what}, in the order they ran: {}",
         runs.len(),
         runs.iter()
-            .map(|run| match &run.latency {
-                Some(latency) => format!("p50 {:.2} / p99 {:.2} ms", latency.p50_ms, latency.p99_ms),
-                None => format!("{:.0}/s", run.jobs_per_second),
+            .map(|run| match (&run.latency, run.paired_ratio) {
+                (Some(latency), _) => format!("p50 {:.2} / p99 {:.2} ms", latency.p50_ms, latency.p99_ms),
+                (None, Some(ratio)) => format!("{:.0}/s (paired {:.0} %)", run.jobs_per_second, ratio * 100.0),
+                (None, None) => format!("{:.0}/s", run.jobs_per_second),
             })
             .collect::<Vec<_>>()
             .join(", ")
@@ -94,15 +118,28 @@ pub fn median(mut runs: Vec<ScenarioResult>) -> Option<ScenarioResult> {
     Some(median)
 }
 
+/// Pairs one run with the ceiling measured just before it.
+pub fn pair_ceiling(result: &mut ScenarioResult, ceiling: f64) {
+    result.paired_ceiling = Some(ceiling);
+    result.paired_ratio = Some(result.jobs_per_second / ceiling.max(1e-9));
+}
+
 /// The backlog scenario's verdict over repeated runs: the median drain rate
-/// with the large backlog against the median with the small one (each run's
-/// own pair is in its notes). The large backlog's result comes second.
+/// with the large backlog against the median with the small one, and the
+/// median of the runs' own (paired, round by round) ratios. The large
+/// backlog's result comes second.
 pub fn note_backlog_ratio_of_medians(backlog: &mut [ScenarioResult]) {
     if let [small, large, ..] = backlog {
         let ratio = 100.0 * large.jobs_per_second / small.jobs_per_second.max(1e-9);
-        large
-            .notes
-            .push(format!("medians: the rate with the large backlog is {ratio:.1} % of the rate with the small one"));
+        let paired = large.paired_ratio.map_or_else(String::new, |paired| {
+            format!(
+                "; the median of the runs' paired ratios (each the median of its rounds') is {:.1} %",
+                100.0 * paired
+            )
+        });
+        large.notes.push(format!(
+            "medians: the rate with the large backlog is {ratio:.1} % of the rate with the small one{paired}"
+        ));
     }
 }
 
@@ -117,20 +154,33 @@ pub fn apply_ceilings(results: &mut [ScenarioResult], ceilings: &BTreeMap<String
 
 pub fn print_table(results: &[ScenarioResult], ceilings: &BTreeMap<String, f64>) {
     println!(
-        "{:<38} {:>9} {:>8} {:>11} {:>14} {:>7} {:>9} {:>9} {:>9}",
-        "scenario", "jobs", "seconds", "jobs/s", "ceiling jobs/s", "ratio", "p50 ms", "p99 ms", "RSS MiB"
+        "{:<38} {:>9} {:>8} {:>11} {:>14} {:>7} {:>14} {:>7} {:>9} {:>9} {:>9}",
+        "scenario",
+        "jobs",
+        "seconds",
+        "jobs/s",
+        "ceiling jobs/s",
+        "ratio",
+        "paired ceiling",
+        "paired",
+        "p50 ms",
+        "p99 ms",
+        "RSS MiB"
     );
     for result in results {
         let ceiling = result.ceiling.and_then(|name| ceilings.get(name));
         let dash = || "-".to_owned();
+        let percent = |ratio: f64| format!("{:.0} %", ratio * 100.0);
         println!(
-            "{:<38} {:>9} {:>8.2} {:>11.0} {:>14} {:>7} {:>9} {:>9} {:>9}",
+            "{:<38} {:>9} {:>8.2} {:>11.0} {:>14} {:>7} {:>14} {:>7} {:>9} {:>9} {:>9}",
             result.name,
             result.jobs,
             result.seconds,
             result.jobs_per_second,
             ceiling.map_or_else(dash, |value| format!("{value:.0}")),
-            result.ratio.map_or_else(dash, |ratio| format!("{:.0} %", ratio * 100.0)),
+            result.ratio.map_or_else(dash, percent),
+            result.paired_ceiling.map_or_else(dash, |value| format!("{value:.0}")),
+            result.paired_ratio.map_or_else(dash, percent),
             result.latency.as_ref().map_or_else(dash, |latency| format!("{:.2}", latency.p50_ms)),
             result.latency.as_ref().map_or_else(dash, |latency| format!("{:.2}", latency.p99_ms)),
             result.broker_rss_mib.map_or_else(dash, |rss| format!("{rss:.1}")),
@@ -138,5 +188,45 @@ pub fn print_table(results: &[ScenarioResult], ceilings: &BTreeMap<String, f64>)
         for note in &result.notes {
             println!("    {note}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(jobs_per_second: f64, paired_ceiling: Option<f64>) -> ScenarioResult {
+        let mut result = failed("drain", &anyhow::anyhow!("unused"));
+        result.name = "drain".to_owned();
+        result.notes.clear();
+        result.jobs = 50_000;
+        result.jobs_per_second = jobs_per_second;
+        if let Some(ceiling) = paired_ceiling {
+            pair_ceiling(&mut result, ceiling);
+        }
+        result
+    }
+
+    #[test]
+    fn the_median_of_paired_runs_is_the_median_of_their_own_ratios() {
+        // The fastest run met the fastest ceiling: its ratio is the lowest.
+        let median =
+            median(vec![run(30_000.0, Some(40_000.0)), run(45_000.0, Some(90_000.0)), run(20_000.0, Some(25_000.0))])
+                .expect("three runs");
+        assert_eq!(median.jobs_per_second, 30_000.0);
+        assert_eq!(median.paired_ceiling, Some(40_000.0));
+        assert_eq!(median.paired_ratio, Some(0.75));
+        // The runs stay in the order they ran.
+        let rates: Vec<f64> = median.runs.iter().map(|run| run.jobs_per_second).collect();
+        assert_eq!(rates, [30_000.0, 45_000.0, 20_000.0]);
+        assert!(median.notes[0].contains("30000/s (paired 75 %), 45000/s (paired 50 %)"), "{:?}", median.notes);
+    }
+
+    #[test]
+    fn runs_without_a_paired_ceiling_have_no_paired_ratio() {
+        let median = median(vec![run(1.0, None), run(3.0, None), run(2.0, None)]).expect("three runs");
+        assert_eq!(median.jobs_per_second, 2.0);
+        assert_eq!(median.paired_ceiling, None);
+        assert_eq!(median.paired_ratio, None);
     }
 }

@@ -29,8 +29,10 @@ pub struct Sizes {
     pub small_backlog: u64,
     pub keys: u64,
     pub leases_in_flight: u32,
-    /// Jobs drained (and timed) out of each backlog.
+    /// Jobs drained (and timed) out of each backlog per round.
     pub backlog_drain: u64,
+    /// Timed rounds of the backlog scenario (after one untimed round).
+    pub backlog_rounds: usize,
     /// Completed-job retention of the steady scenario's queue.
     pub steady_retention: Duration,
     /// How often the steady scenario samples table and index sizes.
@@ -253,6 +255,8 @@ async fn result(
         size_samples: Vec::new(),
         ceiling,
         ratio: None,
+        paired_ceiling: None,
+        paired_ratio: None,
         runs: Vec::new(),
         notes: Vec::new(),
     })
@@ -481,35 +485,61 @@ async fn timed_drain(
 }
 
 /// Drain rate out of a small and out of a large backlog: `backlog_drain`
-/// jobs timed from each, with the workers already connected (the small
-/// queue holds exactly `small_backlog`; the large one about `backlog`).
-/// Then the broker's memory with `leases_in_flight` leases held while the
-/// large backlog is queued.
+/// jobs timed from each, with the workers of both queues connected (the
+/// small queue holds exactly `small_backlog` at each timed drain, refilled
+/// between rounds; the large one about `backlog`). One untimed round, then
+/// `backlog_rounds` rounds, each timing both queues back to back (in turn
+/// small first and large first), so that the machine's drift over the run
+/// weighs on both alike: each large drain's paired ratio is to the small
+/// drain of its round. Then the broker's memory with `leases_in_flight`
+/// leases held while the large backlog is queued.
 pub async fn backlog(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Vec<ScenarioResult>> {
     let small_queue = sizes.queue("bench-backlog-small");
-    let (small_metrics, stop, handles) = prepare_backlog(broker, sizes, &small_queue, sizes.small_backlog).await?;
-    let count = sizes.backlog_drain.min(sizes.small_backlog);
-    let small = timed_drain(
-        broker,
-        &small_queue,
-        &small_metrics,
-        count,
-        &format!("backlog drain ({} queued)", sizes.small_backlog),
-    )
-    .await?;
-    stop_workers(stop, handles).await;
-
     let large_queue = sizes.queue("bench-backlog-large");
-    let (large_metrics, stop, handles) = prepare_backlog(broker, sizes, &large_queue, sizes.backlog).await?;
-    let mut large =
-        timed_drain(broker, &large_queue, &large_metrics, count, &format!("backlog drain ({} queued)", sizes.backlog))
-            .await?;
-    stop_workers(stop, handles).await;
+    let count = sizes.backlog_drain.min(sizes.small_backlog);
+    let small_name = format!("backlog drain ({} queued)", sizes.small_backlog);
+    let large_name = format!("backlog drain ({} queued)", sizes.backlog);
+    let (small_metrics, small_stop, small_handles) =
+        prepare_backlog(broker, sizes, &small_queue, sizes.small_backlog).await?;
+    let (large_metrics, large_stop, large_handles) =
+        prepare_backlog(broker, sizes, &large_queue, sizes.backlog).await?;
+    let mut small_rounds = Vec::new();
+    let mut large_rounds = Vec::new();
+    let mut warm_up = Vec::new();
+    for round in 0..=sizes.backlog_rounds {
+        if round > 0 {
+            fill(producers(&broker.endpoint, sizes.producers).await?, &small_queue, count, 1000, None).await?;
+        }
+        let small_first = round % 2 == 0;
+        let (small, mut large) = if small_first {
+            let small = timed_drain(broker, &small_queue, &small_metrics, count, &small_name).await?;
+            (small, timed_drain(broker, &large_queue, &large_metrics, count, &large_name).await?)
+        } else {
+            let large = timed_drain(broker, &large_queue, &large_metrics, count, &large_name).await?;
+            (timed_drain(broker, &small_queue, &small_metrics, count, &small_name).await?, large)
+        };
+        crate::report::pair_ceiling(&mut large, small.jobs_per_second);
+        if round == 0 {
+            warm_up = vec![small.jobs_per_second, large.jobs_per_second];
+        } else {
+            small_rounds.push(small);
+            large_rounds.push(large);
+        }
+    }
+    stop_workers(small_stop, small_handles).await;
+    stop_workers(large_stop, large_handles).await;
+    let mut small = crate::report::median_of(small_rounds, "rounds").context("no backlog rounds")?;
+    let mut large = crate::report::median_of(large_rounds, "rounds").context("no backlog rounds")?;
+    if let [small_rate, large_rate] = warm_up[..] {
+        small.notes.push(format!("untimed first round (not in the median): {small_rate:.0}/s"));
+        large.notes.push(format!("untimed first round (not in the median): {large_rate:.0}/s"));
+    }
     large.notes.push(format!(
-        "{count} jobs drained from each; in this run the rate with {} queued is {:.1} % of the rate with {} queued",
+        "{count} jobs drained from each queue per round; the median of the rounds' own ratios (rate with about {} \
+         queued against rate with {} queued in the same round) is {:.1} %",
         sizes.backlog,
-        100.0 * large.jobs_per_second / small.jobs_per_second.max(1e-9),
-        sizes.small_backlog
+        sizes.small_backlog,
+        100.0 * large.paired_ratio.unwrap_or_default()
     ));
 
     // Memory with many leases in flight while the large backlog is queued.
