@@ -131,7 +131,18 @@ impl Store {
         // ids (estimated at ten rows) keep probing the primary key, and the
         // lease names its rows as `id = ANY (array)` too, so that no
         // estimate of its LIMIT turns it into a scan of the whole table.
-        let generic = options.clone().options([("plan_cache_mode", "force_generic_plan")]);
+        //
+        // Nor may statistics: the job tables churn, and an ANALYZE that saw
+        // a few hundred live rows (say, just after a drain) made the lease's
+        // generic plan update its picked rows through a sequential scan of
+        // `jobs`. That plan ran until the next ANALYZE, seconds later, at 50
+        // to 250 ms a lease while the table held its usual dead rows and
+        // grew: at 5,000 jobs/s the handler latency's p99 rose to 0.4 to 2 s
+        // (auto_explain caught it). Every statement on these connections
+        // reads the job tables by an index, so sequential scans are priced
+        // out here (`enable_seqscan = off` still allows one where no index
+        // serves, such as the one-row settings table).
+        let generic = options.clone().options([("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")]);
         let batch_connections = config.batch_connections.min(config.max_connections.saturating_sub(2));
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections - batch_connections)
@@ -237,9 +248,11 @@ impl Store {
         }
     }
 
-    /// Applies the embedded migrations that have not run yet.
+    /// Applies the embedded migrations that have not run yet, on a
+    /// connection planned the ordinary way (a migration may rewrite a whole
+    /// table, which the hot pool's settings would force through an index).
     pub async fn migrate(&self) -> Result<()> {
-        MIGRATOR.run(self.pool()).await?;
+        MIGRATOR.run(&self.planned).await?;
         Ok(())
     }
 
