@@ -282,3 +282,54 @@ async fn the_vacuumer_analyzes_a_job_table_that_filled_up() -> Result<()> {
     pool.close().await;
     broker.finish().await
 }
+
+/// Vacuum leaves an emptied job table its size (migration 0017): giving the
+/// empty last pages back would take the table's ACCESS EXCLUSIVE lock, which
+/// stops every enqueue, lease and ack while it is held.
+#[tokio::test]
+async fn a_vacuum_of_an_emptied_job_table_leaves_it_its_size() -> Result<()> {
+    let broker = broker_without_reaper().await?;
+    let mut client = broker.broker().await;
+    let pool = broker.database.pool().await?;
+    for _ in 0..2 {
+        enqueue(&mut client, (0..1_000).map(|_| new_job("emptied", "k")).collect()).await?;
+    }
+    let size = || async {
+        let bytes: i64 = sqlx::query_scalar("SELECT pg_relation_size('workbroker.jobs')").fetch_one(&pool).await?;
+        Ok::<_, anyhow::Error>(bytes)
+    };
+    let filled = size().await?;
+    assert!(filled > 8192 * 4, "2,000 jobs fill several pages: {filled} bytes");
+
+    sqlx::query("DELETE FROM workbroker.jobs WHERE queue = 'emptied'").execute(&pool).await?;
+    sqlx::raw_sql("VACUUM workbroker.jobs").execute(&pool).await?;
+    assert_eq!(size().await?, filled, "the vacuum gave the empty pages back");
+
+    let options: Vec<String> = sqlx::query_scalar(
+        "SELECT relname || ':' || array_to_string(reloptions, ',') FROM pg_class \
+          WHERE oid IN ('workbroker.jobs'::regclass, 'workbroker.finished_jobs'::regclass) ORDER BY relname",
+    )
+    .fetch_all(&pool)
+    .await?;
+    for table in &options {
+        assert!(table.contains("vacuum_truncate=off"), "{table}");
+    }
+    assert_eq!(options.len(), 2);
+    pool.close().await;
+    broker.finish().await
+}
+
+/// The hot and group-commit connections price sequential scans out: an
+/// ANALYZE that saw a nearly empty job table once made the lease's cached
+/// generic plan update its rows through a scan of the whole table.
+#[tokio::test]
+async fn the_hot_connections_do_not_plan_sequential_scans() -> Result<()> {
+    let database = TestDatabase::create().await?;
+    let store = Store::connect_lazy(&test_config(&database.url).store)?;
+    let setting: String = sqlx::query_scalar("SHOW enable_seqscan").fetch_one(store.pool()).await?;
+    assert_eq!(setting, "off");
+    let plan: String = sqlx::query_scalar("SHOW plan_cache_mode").fetch_one(store.pool()).await?;
+    assert_eq!(plan, "force_generic_plan");
+    store.pool().close().await;
+    database.drop_database().await
+}
