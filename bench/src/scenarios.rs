@@ -503,12 +503,13 @@ pub async fn backlog(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Vec<Scen
         prepare_backlog(broker, sizes, &small_queue, sizes.small_backlog).await?;
     let (large_metrics, large_stop, large_handles) =
         prepare_backlog(broker, sizes, &large_queue, sizes.backlog).await?;
+    let refill = producers(&broker.endpoint, sizes.producers).await?;
     let mut small_rounds = Vec::new();
     let mut large_rounds = Vec::new();
-    let mut warm_up = Vec::new();
+    let mut warm_up = None;
     for round in 0..=sizes.backlog_rounds {
         if round > 0 {
-            fill(producers(&broker.endpoint, sizes.producers).await?, &small_queue, count, 1000, None).await?;
+            fill(refill.clone(), &small_queue, count, 1000, None).await?;
         }
         let small_first = round % 2 == 0;
         let (small, mut large) = if small_first {
@@ -520,7 +521,7 @@ pub async fn backlog(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Vec<Scen
         };
         crate::report::pair_ceiling(&mut large, small.jobs_per_second);
         if round == 0 {
-            warm_up = vec![small.jobs_per_second, large.jobs_per_second];
+            warm_up = Some((small.jobs_per_second, large.jobs_per_second));
         } else {
             small_rounds.push(small);
             large_rounds.push(large);
@@ -530,7 +531,7 @@ pub async fn backlog(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Vec<Scen
     stop_workers(large_stop, large_handles).await;
     let mut small = crate::report::median_of(small_rounds, "rounds").context("no backlog rounds")?;
     let mut large = crate::report::median_of(large_rounds, "rounds").context("no backlog rounds")?;
-    if let [small_rate, large_rate] = warm_up[..] {
+    if let Some((small_rate, large_rate)) = warm_up {
         small.notes.push(format!("untimed first round (not in the median): {small_rate:.0}/s"));
         large.notes.push(format!("untimed first round (not in the median): {large_rate:.0}/s"));
     }
