@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use workbroker_api::v1;
 use workbroker_server::reaper::{Reaper, ReaperConfig, ReaperCounts};
-use workbroker_server::store::{AckItem, LeaseParams, SettleOutcome, Store};
+use workbroker_server::store::{AckItem, JOBS_LEASE_SQL, LeaseParams, SettleOutcome, Store};
 use workbroker_tests::*;
 
 /// A broker whose own reaper stays out of the way (it ticks once at start,
@@ -319,17 +319,50 @@ async fn a_vacuum_of_an_emptied_job_table_leaves_it_its_size() -> Result<()> {
     broker.finish().await
 }
 
-/// The hot and group-commit connections price sequential scans out: an
-/// ANALYZE that saw a nearly empty job table once made the lease's cached
-/// generic plan update its rows through a scan of the whole table.
+/// The hot and group-commit connections price sequential and bitmap scans
+/// out, and the lease's generic plan walks the waiting index in its order.
+/// Cached generic plans are made from whatever the statistics said last: an
+/// ANALYZE that saw a nearly empty job table once made the lease update its
+/// rows through a scan of the whole table, and one of an empty table made it
+/// read every job of its queue through the (queue, sequence) index and sort
+/// them. Here the statistics are those of an emptied table when a queue
+/// fills again.
 #[tokio::test]
-async fn the_hot_connections_do_not_plan_sequential_scans() -> Result<()> {
+async fn the_lease_plan_walks_the_waiting_index_after_an_analyze_of_an_empty_table() -> Result<()> {
     let database = TestDatabase::create().await?;
     let store = Store::connect_lazy(&test_config(&database.url).store)?;
-    let setting: String = sqlx::query_scalar("SHOW enable_seqscan").fetch_one(store.pool()).await?;
-    assert_eq!(setting, "off");
-    let plan: String = sqlx::query_scalar("SHOW plan_cache_mode").fetch_one(store.pool()).await?;
-    assert_eq!(plan, "force_generic_plan");
+    store.migrate().await?;
+    for (setting, expected) in
+        [("enable_seqscan", "off"), ("enable_bitmapscan", "off"), ("plan_cache_mode", "force_generic_plan")]
+    {
+        let value: String =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SHOW {setting}"))).fetch_one(store.pool()).await?;
+        assert_eq!(value, expected, "{setting}");
+    }
+
+    let pool = database.pool().await?;
+    let fill =
+        "SELECT count(*) FROM workbroker.enqueue_default_jobs('planned', array_fill('k'::text, ARRAY[20000]), NULL)";
+    sqlx::raw_sql("ALTER TABLE workbroker.jobs SET (autovacuum_enabled = off)").execute(&pool).await?;
+    sqlx::raw_sql(fill).execute(&pool).await?;
+    sqlx::raw_sql("DELETE FROM workbroker.jobs; ANALYZE workbroker.jobs").execute(&pool).await?;
+    sqlx::raw_sql(fill).execute(&pool).await?;
+
+    let mut connection = store.pool().acquire().await?;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("PREPARE lease_plan AS {JOBS_LEASE_SQL}")))
+        .execute(&mut *connection)
+        .await?;
+    let plan: Vec<String> =
+        sqlx::query_scalar("EXPLAIN EXECUTE lease_plan(ARRAY['planned'], '{}', 100, NULL, 'w', NULL)")
+            .fetch_all(&mut *connection)
+            .await?;
+    let plan = plan.join("\n");
+    assert!(plan.contains("Index Scan using jobs_waiting_idx"), "{plan}");
+    for other_path in ["Bitmap", "Seq Scan on jobs", "jobs_queue_sequence_idx"] {
+        assert!(!plan.contains(other_path), "{plan}");
+    }
+    drop(connection);
+    pool.close().await;
     store.pool().close().await;
     database.drop_database().await
 }

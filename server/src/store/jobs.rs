@@ -324,6 +324,46 @@ enum KeyColumns {
     Without,
 }
 
+/// The lease statement (see [`Store::jobs_lease`]); public so that a test
+/// can read the plan the hot connections make of it.
+pub const JOBS_LEASE_SQL: &str = concat!(
+    "WITH open_queues AS ( \
+             SELECT name, lease_duration FROM workbroker.queues \
+              WHERE name = ANY($1::text[]) AND NOT paused), \
+         picked AS ( \
+             SELECT c.id, c.priority, c.run_at, q.lease_duration AS queue_lease_duration \
+               FROM open_queues q \
+               CROSS JOIN LATERAL ( \
+                   SELECT j.id, j.priority, j.run_at FROM workbroker.jobs j \
+                    WHERE ",
+    same_queue!("j.queue", "q.name"),
+    " \
+                      AND j.state = 2 AND NOT j.blocked AND j.run_at <= now() \
+                      AND (cardinality($2::text[]) = 0 OR j.kind = ANY($2::text[])) \
+                      AND ($6::integer[] IS NULL OR j.shard = ANY($6::integer[])) \
+                      AND (j.ordering_key IS NULL OR NOT EXISTS ( \
+                            SELECT 1 FROM workbroker.jobs earlier \
+                             WHERE earlier.queue = j.queue AND earlier.ordering_key = j.ordering_key \
+                               AND earlier.sequence < j.sequence)) \
+                    ORDER BY j.priority DESC, j.run_at, j.id \
+                    LIMIT $3 \
+                    FOR UPDATE OF j SKIP LOCKED) c \
+              ORDER BY c.priority DESC, c.run_at, c.id \
+              LIMIT $3), \
+         leased AS ( \
+             UPDATE workbroker.jobs j \
+                SET state = 3, attempt = j.attempt + 1, lease_token = gen_random_uuid(), \
+                    lease_expires_at = now() + coalesce($4::bigint * interval '1 microsecond', \
+                                                         j.lease_duration, p.queue_lease_duration), \
+                    leased_by = $5, leased_at = now() \
+               FROM picked p \
+              WHERE j.id = p.id AND j.id = ANY (ARRAY(SELECT id FROM picked)) \
+             RETURNING j.*) \
+         SELECT ",
+    hot_job_fields!(),
+    " FROM leased j ORDER BY j.priority DESC, j.run_at, j.id"
+);
+
 impl Store {
     /// Inserts jobs (all or nothing), numbering them from each queue's
     /// sequence and creating unknown queues. A job whose queue and dedup key
@@ -520,49 +560,13 @@ impl Store {
     /// candidate is still checked, since an unblocked keyed job is only
     /// probably its key's head.
     pub async fn jobs_lease(&self, params: &LeaseParams<'_>) -> Result<Vec<JobRecord>> {
-        let query = sqlx::query_as::<_, JobRecord>(concat!(
-            "WITH open_queues AS ( \
-                 SELECT name, lease_duration FROM workbroker.queues \
-                  WHERE name = ANY($1::text[]) AND NOT paused), \
-             picked AS ( \
-                 SELECT c.id, c.priority, c.run_at, q.lease_duration AS queue_lease_duration \
-                   FROM open_queues q \
-                   CROSS JOIN LATERAL ( \
-                       SELECT j.id, j.priority, j.run_at FROM workbroker.jobs j \
-                        WHERE ",
-            same_queue!("j.queue", "q.name"),
-            " \
-                          AND j.state = 2 AND NOT j.blocked AND j.run_at <= now() \
-                          AND (cardinality($2::text[]) = 0 OR j.kind = ANY($2::text[])) \
-                          AND ($6::integer[] IS NULL OR j.shard = ANY($6::integer[])) \
-                          AND (j.ordering_key IS NULL OR NOT EXISTS ( \
-                                SELECT 1 FROM workbroker.jobs earlier \
-                                 WHERE earlier.queue = j.queue AND earlier.ordering_key = j.ordering_key \
-                                   AND earlier.sequence < j.sequence)) \
-                        ORDER BY j.priority DESC, j.run_at, j.id \
-                        LIMIT $3 \
-                        FOR UPDATE OF j SKIP LOCKED) c \
-                  ORDER BY c.priority DESC, c.run_at, c.id \
-                  LIMIT $3), \
-             leased AS ( \
-                 UPDATE workbroker.jobs j \
-                    SET state = 3, attempt = j.attempt + 1, lease_token = gen_random_uuid(), \
-                        lease_expires_at = now() + coalesce($4::bigint * interval '1 microsecond', \
-                                                             j.lease_duration, p.queue_lease_duration), \
-                        leased_by = $5, leased_at = now() \
-                   FROM picked p \
-                  WHERE j.id = p.id AND j.id = ANY (ARRAY(SELECT id FROM picked)) \
-                 RETURNING j.*) \
-             SELECT ",
-            hot_job_fields!(),
-            " FROM leased j ORDER BY j.priority DESC, j.run_at, j.id"
-        ))
-        .bind(params.queues)
-        .bind(params.kinds)
-        .bind(i64::from(params.limit))
-        .bind(params.lease_duration.map(micros))
-        .bind(params.worker_id)
-        .bind(params.shards);
+        let query = sqlx::query_as::<_, JobRecord>(JOBS_LEASE_SQL)
+            .bind(params.queues)
+            .bind(params.kinds)
+            .bind(i64::from(params.limit))
+            .bind(params.lease_duration.map(micros))
+            .bind(params.worker_id)
+            .bind(params.shards);
         Ok(self.hot.run(async |connection| query.fetch_all(connection).await).await?)
     }
 
