@@ -76,13 +76,26 @@ async fn wait_for_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    match Cli::parse().command {
-        Command::Client(command) => run_client(command).await,
-        Command::Serve(args) => report(serve(args).await),
-        Command::Migrate(args) => report(migrate(args).await),
+fn main() -> ExitCode {
+    let command = Cli::parse().command;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Serve(ServeArgs { runtime_threads: Some(threads), .. }) = &command {
+        runtime.worker_threads(usize::from(*threads));
     }
+    let runtime = match runtime.enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match command {
+            Command::Client(command) => run_client(command).await,
+            Command::Serve(args) => report(serve(args).await),
+            Command::Migrate(args) => report(migrate(args).await),
+        }
+    })
 }
 
 /// Runs a client subcommand; on failure prints `error: <one line>` to stderr.

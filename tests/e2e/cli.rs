@@ -608,3 +608,27 @@ async fn the_binary_prints_one_error_line_and_exits_non_zero() -> Result<()> {
     assert!(!output.status.success());
     broker.finish().await
 }
+
+/// `--runtime-threads` sets how many worker threads the broker's async
+/// runtime has, and `/metrics` reports it.
+#[tokio::test]
+async fn the_broker_runs_as_many_runtime_threads_as_asked() -> Result<()> {
+    let database = TestDatabase::create().await?;
+    for threads in ["1", "3"] {
+        let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let admin_listen = admin.to_string();
+        let mut broker = process::BrokerProcess::start_with_env(
+            &database.url,
+            "",
+            "/workbroker-runtime-threads-test",
+            10,
+            &[("WORKBROKER_RUNTIME_THREADS", threads), ("WORKBROKER_ADMIN_LISTEN", admin_listen.as_str())],
+        )
+        .await?;
+        let metrics = http_get(admin, "/metrics").await?;
+        let line = metrics.body.lines().find(|line| line.starts_with("workbroker_runtime_threads ")).map(str::to_owned);
+        broker.terminate()?;
+        assert_eq!(line, Some(format!("workbroker_runtime_threads {threads}")), "{}", metrics.body);
+    }
+    database.drop_database().await
+}

@@ -458,6 +458,14 @@ pub fn render(shared: &Shared) -> String {
     );
     gauge(&mut out, "workbroker_shards", "Shards jobs are spread over.", shared.cluster.shard_count());
     gauge(&mut out, "workbroker_cluster_members", "Live members this replica sees.", snapshot.members.len());
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        gauge(
+            &mut out,
+            "workbroker_runtime_threads",
+            "Worker threads of the broker's async runtime (--runtime-threads).",
+            runtime.metrics().num_workers(),
+        );
+    }
 
     let counts = shared.store.connection_counts();
     header(&mut out, "workbroker_db_pool_connections", "gauge", "Open database connections by state.");
