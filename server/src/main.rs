@@ -12,9 +12,6 @@ use tokio_util::sync::CancellationToken;
 use workbroker_server::config::{DatabaseArgs, ServeArgs};
 use workbroker_server::store::Store;
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser, Debug)]
 #[command(name = "workbroker", version, about = "A gRPC work-distribution service on PostgreSQL")]
 struct Cli {
