@@ -87,7 +87,7 @@ pub struct ServeArgs {
     /// process may use, cgroup quotas included). Where the broker shares a
     /// few cores with PostgreSQL, fewer threads hand work between each
     /// other less often: on two cores shared with the database, 1 thread
-    /// cut the broker's CPU per one-job `Enqueue` by 14 to 20 %.
+    /// cut the broker's CPU per one-job `Enqueue` by 13 to 17 %.
     #[arg(long, env = "WORKBROKER_RUNTIME_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub runtime_threads: Option<u16>,
 
