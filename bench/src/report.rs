@@ -13,6 +13,13 @@ pub struct Latency {
     pub p90_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// What counts as late (the p99 target).
+    pub late_ms: f64,
+    /// Late jobs as (second of the run they were sent in, how many), for
+    /// putting a stall beside the broker's and PostgreSQL's logs.
+    pub late_by_second: Vec<(u64, u64)>,
+    /// When the run's second 0 began (Unix time, seconds).
+    pub sending_started_unix: f64,
 }
 
 /// One scenario's figures.
@@ -90,9 +97,14 @@ pub fn median_of(runs: Vec<ScenarioResult>, what: &str) -> Option<ScenarioResult
     by_rate.sort_by(|a, b| a.jobs_per_second.total_cmp(&b.jobs_per_second));
     let mut median = (*by_rate.get(runs.len() / 2)?).clone();
     if runs.len() == 1 {
+        if let Some(late) = median.latency.as_ref().map(late_jobs) {
+            median.notes.push(late);
+        }
         return Some(median);
     }
     if let Some(latency) = &mut median.latency {
+        // Late jobs belong to each run (kept in `runs`), not to a median.
+        latency.late_by_second.clear();
         let all: Vec<&Latency> = runs.iter().filter_map(|run| run.latency.as_ref()).collect();
         let of = |value: fn(&Latency) -> f64| middle(all.iter().map(|latency| value(latency)).collect());
         latency.p50_ms = of(|latency| latency.p50_ms).unwrap_or(latency.p50_ms);
@@ -107,7 +119,9 @@ pub fn median_of(runs: Vec<ScenarioResult>, what: &str) -> Option<ScenarioResult
         runs.len(),
         runs.iter()
             .map(|run| match (&run.latency, run.paired_ratio) {
-                (Some(latency), _) => format!("p50 {:.2} / p99 {:.2} ms", latency.p50_ms, latency.p99_ms),
+                (Some(latency), _) => {
+                    format!("p50 {:.2} / p99 {:.2} ms ({})", latency.p50_ms, latency.p99_ms, late_jobs(latency))
+                }
                 (None, Some(ratio)) => format!("{:.0}/s (paired {:.0} %)", run.jobs_per_second, ratio * 100.0),
                 (None, None) => format!("{:.0}/s", run.jobs_per_second),
             })
@@ -116,6 +130,20 @@ pub fn median_of(runs: Vec<ScenarioResult>, what: &str) -> Option<ScenarioResult
     ));
     median.runs = runs;
     Some(median)
+}
+
+/// How many jobs of a latency run were late, and the seconds of the run
+/// most of them were sent in (at most three, the worst first).
+fn late_jobs(latency: &Latency) -> String {
+    let total: u64 = latency.late_by_second.iter().map(|(_, count)| count).sum();
+    if total == 0 {
+        return format!("none over {} ms", latency.late_ms);
+    }
+    let mut worst = latency.late_by_second.clone();
+    worst.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let seconds: Vec<String> =
+        worst.iter().take(3).map(|(second, count)| format!("{count} in second {second}")).collect();
+    format!("{total} over {} ms: {}", latency.late_ms, seconds.join(", "))
 }
 
 /// Pairs one run with the ceiling measured just before it.
@@ -205,6 +233,43 @@ mod tests {
             pair_ceiling(&mut result, ceiling);
         }
         result
+    }
+
+    fn latency_run(p99_ms: f64, late_by_second: Vec<(u64, u64)>) -> ScenarioResult {
+        let mut result = run(5_000.0, None);
+        result.latency = Some(Latency {
+            samples: 100,
+            p50_ms: 1.0,
+            p90_ms: 2.0,
+            p99_ms,
+            max_ms: 50.0,
+            late_ms: 10.0,
+            late_by_second,
+            sending_started_unix: 0.0,
+        });
+        result
+    }
+
+    #[test]
+    fn each_latency_run_says_when_its_late_jobs_were_sent() {
+        let median = median(vec![
+            latency_run(6.0, Vec::new()),
+            latency_run(40.0, vec![(3, 2), (7, 90), (8, 30), (12, 1)]),
+            latency_run(7.0, vec![(5, 1)]),
+        ])
+        .expect("three runs");
+        let note = &median.notes[median.notes.len() - 1];
+        assert!(note.contains("p99 6.00 ms (none over 10 ms)"), "{note}");
+        assert!(
+            note.contains("p99 40.00 ms (123 over 10 ms: 90 in second 7, 30 in second 8, 2 in second 3)"),
+            "{note}"
+        );
+        assert!(note.contains("p99 7.00 ms (1 over 10 ms: 1 in second 5)"), "{note}");
+        assert!(median.latency.as_ref().is_some_and(|latency| latency.late_by_second.is_empty()));
+        assert_eq!(median.runs[1].latency.as_ref().map(|latency| latency.late_by_second.len()), Some(4));
+
+        let single = super::median(vec![latency_run(40.0, vec![(7, 90)])]).expect("one run");
+        assert!(single.notes.iter().any(|note| note == "90 over 10 ms: 90 in second 7"), "{:?}", single.notes);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The named scenarios. Producers are raw gRPC clients (one connection each);
 //! workers are SDK workers with a no-op handler (one connection each).
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -136,7 +137,7 @@ async fn start_workers(
     workers: usize,
     concurrency: u32,
     handler_delay: Option<Duration>,
-    latencies: Option<Arc<Mutex<Histogram<u64>>>>,
+    latencies: Option<Arc<Mutex<LatencyRecorder>>>,
 ) -> Result<(Vec<WorkerMetrics>, CancellationToken, Vec<tokio::task::JoinHandle<()>>)> {
     let stop = CancellationToken::new();
     let mut metrics = Vec::new();
@@ -196,12 +197,47 @@ fn now_nanos() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos()
 }
 
-fn record_latency(latencies: &Mutex<Histogram<u64>>, payload: &[u8]) {
+/// A job slower than this (the p99 target) is counted against the second
+/// of the run in which it was sent, so that a stall can be put beside the
+/// broker's and PostgreSQL's logs.
+const LATE_MICROS: u64 = 10_000;
+
+/// Enqueue-to-handler latencies of the latency scenario.
+pub struct LatencyRecorder {
+    histogram: Histogram<u64>,
+    /// When sending started (Unix nanoseconds, as in the payloads).
+    origin_nanos: u128,
+    /// Jobs later than [`LATE_MICROS`], by the second of the run they were sent in.
+    late_by_second: BTreeMap<u64, u64>,
+}
+
+impl LatencyRecorder {
+    fn new() -> Result<Self> {
+        Ok(Self {
+            histogram: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+            origin_nanos: now_nanos(),
+            late_by_second: BTreeMap::new(),
+        })
+    }
+
+    /// Records a job sent at `sent_nanos` that started at `started_nanos`.
+    fn record(&mut self, sent_nanos: u128, started_nanos: u128) {
+        let micros = u64::try_from(started_nanos.saturating_sub(sent_nanos) / 1_000).unwrap_or(u64::MAX);
+        let _ = self.histogram.record(micros.max(1));
+        if micros > LATE_MICROS {
+            let second =
+                u64::try_from(sent_nanos.saturating_sub(self.origin_nanos) / 1_000_000_000).unwrap_or(u64::MAX);
+            *self.late_by_second.entry(second).or_default() += 1;
+        }
+    }
+}
+
+fn record_latency(latencies: &Mutex<LatencyRecorder>, payload: &[u8]) {
     let Ok(bytes) = <[u8; 16]>::try_from(payload) else { return };
     let sent = u128::from_le_bytes(bytes);
-    let micros = u64::try_from(now_nanos().saturating_sub(sent) / 1_000).unwrap_or(u64::MAX);
-    if let Ok(mut histogram) = latencies.lock() {
-        let _ = histogram.record(micros.max(1));
+    let started = now_nanos();
+    if let Ok(mut latencies) = latencies.lock() {
+        latencies.record(sent, started);
     }
 }
 
@@ -395,9 +431,9 @@ pub async fn steady(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioR
 
 pub async fn latency(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
     let queue = sizes.queue(&format!("bench-latency-{}", sizes.rate));
-    let histogram = Arc::new(Mutex::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?));
+    let recorder = Arc::new(Mutex::new(LatencyRecorder::new()?));
     let (metrics, stop, handles) =
-        start_workers(&broker.endpoint, &queue, 1, sizes.concurrency, None, Some(histogram.clone())).await?;
+        start_workers(&broker.endpoint, &queue, 1, sizes.concurrency, None, Some(recorder.clone())).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = broker.sample();
     let total = sizes.rate * sizes.seconds;
@@ -411,6 +447,7 @@ pub async fn latency(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Scenario
         clients.push(producer(&broker.endpoint).await?);
     }
     let in_flight = Arc::new(tokio::sync::Semaphore::new(1024));
+    recorder.lock().map_err(|_| anyhow::anyhow!("latency lock poisoned"))?.origin_nanos = now_nanos();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for index in 0..total {
@@ -435,7 +472,10 @@ pub async fn latency(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Scenario
     wait_finished(broker, &metrics, total, &queue, started, Duration::from_secs(sizes.seconds + 60)).await?;
     let elapsed = started.elapsed();
     stop_workers(stop, handles).await;
-    let histogram = histogram.lock().map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?.clone();
+    let (histogram, late_by_second, origin_nanos) = {
+        let recorder = recorder.lock().map_err(|_| anyhow::anyhow!("latency lock poisoned"))?;
+        (recorder.histogram.clone(), recorder.late_by_second.clone(), recorder.origin_nanos)
+    };
     let mut outcome = result(broker, &format!("latency @ {}/s", sizes.rate), total, elapsed, before, None).await?;
     let millis = |quantile: f64| histogram.value_at_quantile(quantile) as f64 / 1000.0;
     outcome.latency = Some(Latency {
@@ -444,6 +484,9 @@ pub async fn latency(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Scenario
         p90_ms: millis(0.9),
         p99_ms: millis(0.99),
         max_ms: histogram.max() as f64 / 1000.0,
+        late_ms: LATE_MICROS as f64 / 1000.0,
+        late_by_second: late_by_second.into_iter().collect(),
+        sending_started_unix: origin_nanos as f64 / 1e9,
     });
     Ok(outcome)
 }
@@ -565,4 +608,23 @@ pub async fn backlog(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Vec<Scen
         handle.abort();
     }
     Ok(vec![small, large])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_job_counts_against_the_second_it_was_sent_in() -> Result<()> {
+        let mut recorder = LatencyRecorder::new()?;
+        recorder.origin_nanos = 100_000_000_000;
+        let at = |seconds: f64| recorder.origin_nanos + (seconds * 1e9) as u128;
+        let (first, second, third) = (at(2.5), at(2.6), at(0.1));
+        recorder.record(first, first + 20_000_000);
+        recorder.record(second, second + 5_000_000);
+        recorder.record(third, third + 10_001_000);
+        assert_eq!(recorder.histogram.len(), 3);
+        assert_eq!(recorder.late_by_second, BTreeMap::from([(0, 1), (2, 1)]));
+        Ok(())
+    }
 }
