@@ -6,8 +6,12 @@
 //! minute; with autovacuum turned off (some managed and CI databases) they are
 //! never reclaimed, and every lease scans further through dead index entries.
 //! This leader-only loop reads PostgreSQL's own counters every `interval` and
-//! runs `VACUUM (SKIP_LOCKED, ANALYZE)` on a job table whose dead rows pass
-//! `min_dead_rows + dead_fraction × live rows`. With autovacuum on and
+//! runs `VACUUM (SKIP_LOCKED)` on a job table whose dead rows pass
+//! `min_dead_rows + dead_fraction × live rows`, without `ANALYZE` unless the
+//! table also outgrew its statistics (below): under a steady flow that
+//! vacuum comes every few seconds, and an ANALYZE with each one made every
+//! session plan its statements again (the vacuum itself keeps the row count
+//! the planner scales by up to date). With autovacuum on and
 //! keeping up, it finds nothing to do; `SKIP_LOCKED` steps aside when
 //! autovacuum is already at the table.
 //!
@@ -123,14 +127,15 @@ impl Vacuumer {
         }
     }
 
-    /// One check: vacuums (and so analyzes) each job table that needs it,
-    /// analyzes each other one that needs only that; returns those it
-    /// vacuumed.
+    /// One check: vacuums each job table that needs it, analyzes each one
+    /// that outgrew its statistics (in the same command when it is also
+    /// vacuumed); returns those it vacuumed.
     pub async fn run_once(&self) -> crate::store::Result<Vec<JobTable>> {
         let mut vacuumed = Vec::new();
         for table in self.store.job_tables_activity().await? {
+            let analyze = self.config.needs_analyze(table.live_rows, table.planned_rows);
             if !self.config.needs_vacuum(table.live_rows, table.dead_rows) {
-                if self.config.needs_analyze(table.live_rows, table.planned_rows) {
+                if analyze {
                     self.store.job_table_analyze(table.table).await?;
                     tracing::debug!(
                         table = table.table.name(),
@@ -142,11 +147,12 @@ impl Vacuumer {
                 continue;
             }
             let started = std::time::Instant::now();
-            self.store.job_table_vacuum(table.table).await?;
+            self.store.job_table_vacuum(table.table, analyze).await?;
             tracing::info!(
                 table = table.table.name(),
                 live_rows = table.live_rows,
                 dead_rows = table.dead_rows,
+                analyze,
                 took = ?started.elapsed(),
                 "vacuumed"
             );

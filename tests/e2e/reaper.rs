@@ -236,6 +236,15 @@ async fn the_vacuumer_vacuums_a_job_table_full_of_dead_rows() -> Result<()> {
     let vacuumed = vacuumer.run_once().await?;
     assert!(vacuumed.contains(&JobTable::Jobs), "vacuumed {vacuumed:?}");
     assert!(dead_rows().await? < 50, "the vacuum reclaimed the dead rows");
+    // Churn alone does not analyze: an ANALYZE makes every session plan its
+    // statements on the table again.
+    let (vacuumed_at, analyzed_at): (bool, bool) = sqlx::query_as(
+        "SELECT last_vacuum IS NOT NULL, last_analyze IS NOT NULL FROM pg_stat_user_tables \
+          WHERE relid = 'workbroker.jobs'::regclass",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert!(vacuumed_at && !analyzed_at, "vacuumed: {vacuumed_at}, analyzed: {analyzed_at}");
     pool.close().await;
     broker.finish().await
 }

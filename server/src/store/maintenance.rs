@@ -53,11 +53,13 @@ impl Store {
             .collect())
     }
 
-    /// `VACUUM (SKIP_LOCKED, ANALYZE)` of one job table: reclaims dead rows
-    /// for reuse and refreshes the planner's statistics; skipped when another
-    /// vacuum holds the table. Needs the table's owner (the migrating role).
-    pub async fn job_table_vacuum(&self, table: JobTable) -> Result<()> {
-        self.job_table_maintain("VACUUM (SKIP_LOCKED, ANALYZE)", table).await
+    /// `VACUUM (SKIP_LOCKED)` of one job table, with `ANALYZE` when
+    /// `analyze`: reclaims dead rows for reuse (and refreshes the planner's
+    /// statistics); skipped when another vacuum holds the table. Needs the
+    /// table's owner (the migrating role).
+    pub async fn job_table_vacuum(&self, table: JobTable, analyze: bool) -> Result<()> {
+        let command = if analyze { "VACUUM (SKIP_LOCKED, ANALYZE)" } else { "VACUUM (SKIP_LOCKED)" };
+        self.job_table_maintain(command, table).await
     }
 
     /// `ANALYZE (SKIP_LOCKED)` of one job table: fresh statistics, and every
