@@ -13,11 +13,19 @@ pub struct Latency {
     pub p90_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// One run's late jobs; `None` in a median of several runs (each run
+    /// keeps its own).
+    pub late: Option<LateJobs>,
+}
+
+/// The jobs of one latency run later than `over_ms`, for putting a stall
+/// beside the broker's and PostgreSQL's logs.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LateJobs {
     /// What counts as late (the p99 target).
-    pub late_ms: f64,
-    /// Late jobs as (second of the run they were sent in, how many), for
-    /// putting a stall beside the broker's and PostgreSQL's logs.
-    pub late_by_second: Vec<(u64, u64)>,
+    pub over_ms: f64,
+    /// (second of the run they were sent in, how many).
+    pub by_second: Vec<(u64, u64)>,
     /// When the run's second 0 began (Unix time, seconds).
     pub sending_started_unix: f64,
 }
@@ -97,14 +105,13 @@ pub fn median_of(runs: Vec<ScenarioResult>, what: &str) -> Option<ScenarioResult
     by_rate.sort_by(|a, b| a.jobs_per_second.total_cmp(&b.jobs_per_second));
     let mut median = (*by_rate.get(runs.len() / 2)?).clone();
     if runs.len() == 1 {
-        if let Some(late) = median.latency.as_ref().map(late_jobs) {
-            median.notes.push(late);
+        if let Some(late) = median.latency.as_ref().and_then(|latency| latency.late.as_ref()) {
+            median.notes.push(late.summary());
         }
         return Some(median);
     }
     if let Some(latency) = &mut median.latency {
-        // Late jobs belong to each run (kept in `runs`), not to a median.
-        latency.late_by_second.clear();
+        latency.late = None;
         let all: Vec<&Latency> = runs.iter().filter_map(|run| run.latency.as_ref()).collect();
         let of = |value: fn(&Latency) -> f64| middle(all.iter().map(|latency| value(latency)).collect());
         latency.p50_ms = of(|latency| latency.p50_ms).unwrap_or(latency.p50_ms);
@@ -119,9 +126,11 @@ pub fn median_of(runs: Vec<ScenarioResult>, what: &str) -> Option<ScenarioResult
         runs.len(),
         runs.iter()
             .map(|run| match (&run.latency, run.paired_ratio) {
-                (Some(latency), _) => {
-                    format!("p50 {:.2} / p99 {:.2} ms ({})", latency.p50_ms, latency.p99_ms, late_jobs(latency))
-                }
+                (Some(latency), _) => match &latency.late {
+                    Some(late) =>
+                        format!("p50 {:.2} / p99 {:.2} ms ({})", latency.p50_ms, latency.p99_ms, late.summary()),
+                    None => format!("p50 {:.2} / p99 {:.2} ms", latency.p50_ms, latency.p99_ms),
+                },
                 (None, Some(ratio)) => format!("{:.0}/s (paired {:.0} %)", run.jobs_per_second, ratio * 100.0),
                 (None, None) => format!("{:.0}/s", run.jobs_per_second),
             })
@@ -132,18 +141,20 @@ pub fn median_of(runs: Vec<ScenarioResult>, what: &str) -> Option<ScenarioResult
     Some(median)
 }
 
-/// How many jobs of a latency run were late, and the seconds of the run
-/// most of them were sent in (at most three, the worst first).
-fn late_jobs(latency: &Latency) -> String {
-    let total: u64 = latency.late_by_second.iter().map(|(_, count)| count).sum();
-    if total == 0 {
-        return format!("none over {} ms", latency.late_ms);
+impl LateJobs {
+    /// How many jobs were late, and the seconds of the run most of them
+    /// were sent in (at most three, the worst first).
+    fn summary(&self) -> String {
+        let total: u64 = self.by_second.iter().map(|(_, count)| count).sum();
+        if total == 0 {
+            return format!("none over {} ms", self.over_ms);
+        }
+        let mut worst = self.by_second.clone();
+        worst.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let seconds: Vec<String> =
+            worst.iter().take(3).map(|(second, count)| format!("{count} in second {second}")).collect();
+        format!("{total} over {} ms: {}", self.over_ms, seconds.join(", "))
     }
-    let mut worst = latency.late_by_second.clone();
-    worst.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-    let seconds: Vec<String> =
-        worst.iter().take(3).map(|(second, count)| format!("{count} in second {second}")).collect();
-    format!("{total} over {} ms: {}", latency.late_ms, seconds.join(", "))
 }
 
 /// Pairs one run with the ceiling measured just before it.
@@ -243,9 +254,7 @@ mod tests {
             p90_ms: 2.0,
             p99_ms,
             max_ms: 50.0,
-            late_ms: 10.0,
-            late_by_second,
-            sending_started_unix: 0.0,
+            late: Some(LateJobs { over_ms: 10.0, by_second: late_by_second, sending_started_unix: 0.0 }),
         });
         result
     }
@@ -265,8 +274,9 @@ mod tests {
             "{note}"
         );
         assert!(note.contains("p99 7.00 ms (1 over 10 ms: 1 in second 5)"), "{note}");
-        assert!(median.latency.as_ref().is_some_and(|latency| latency.late_by_second.is_empty()));
-        assert_eq!(median.runs[1].latency.as_ref().map(|latency| latency.late_by_second.len()), Some(4));
+        assert!(median.latency.as_ref().is_some_and(|latency| latency.late.is_none()));
+        let late = median.runs[1].latency.as_ref().and_then(|latency| latency.late.as_ref());
+        assert_eq!(late.map(|late| late.by_second.len()), Some(4));
 
         let single = super::median(vec![latency_run(40.0, vec![(7, 90)])]).expect("one run");
         assert!(single.notes.iter().any(|note| note == "90 over 10 ms: 90 in second 7"), "{:?}", single.notes);

@@ -15,7 +15,7 @@ use workbroker_worker_sdk::worker::WorkerMetrics;
 use workbroker_worker_sdk::{Client, JobContext, Output, Worker, handler_fn};
 
 use crate::broker::BrokerUnderTest;
-use crate::report::{Latency, ScenarioResult};
+use crate::report::{LateJobs, Latency, ScenarioResult};
 
 /// Sizes of a run.
 #[derive(Clone, Debug)]
@@ -484,9 +484,11 @@ pub async fn latency(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Scenario
         p90_ms: millis(0.9),
         p99_ms: millis(0.99),
         max_ms: histogram.max() as f64 / 1000.0,
-        late_ms: LATE_MICROS as f64 / 1000.0,
-        late_by_second: late_by_second.into_iter().collect(),
-        sending_started_unix: origin_nanos as f64 / 1e9,
+        late: Some(LateJobs {
+            over_ms: LATE_MICROS as f64 / 1000.0,
+            by_second: late_by_second.into_iter().collect(),
+            sending_started_unix: origin_nanos as f64 / 1e9,
+        }),
     });
     Ok(outcome)
 }
