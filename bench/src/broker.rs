@@ -48,6 +48,46 @@ pub struct ProcessSample {
     pub peak_rss_mib: f64,
 }
 
+/// The broker's and the harness's samples at one moment.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuSnapshot {
+    pub broker: Option<ProcessSample>,
+    pub harness: Option<ProcessSample>,
+}
+
+impl CpuSnapshot {
+    /// CPU seconds the broker and the harness spent since `before`.
+    pub fn cpu_since(&self, before: &CpuSnapshot) -> (Option<f64>, Option<f64>) {
+        let spent = |after: Option<ProcessSample>, before: Option<ProcessSample>| {
+            Some(after?.cpu_seconds - before?.cpu_seconds)
+        };
+        (spent(self.broker, before.broker), spent(self.harness, before.harness))
+    }
+}
+
+/// CPU (user and system) and memory of a local process, from /proc.
+fn process_sample(pid: u32) -> Option<ProcessSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the name.
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find(|line| line.starts_with(key))
+            .and_then(|line| line.split_whitespace().nth(1))
+            .and_then(|value| value.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    Some(ProcessSample {
+        cpu_seconds: ticks / 100.0,
+        rss_mib: kib("VmRSS:") / 1024.0,
+        peak_rss_mib: kib("VmHWM:") / 1024.0,
+    })
+}
+
 pub struct BrokerUnderTest {
     pub endpoint: String,
     pub pool: PgPool,
@@ -132,26 +172,13 @@ impl BrokerUnderTest {
 
     /// CPU and memory of the broker process, when it is local.
     pub fn sample(&self) -> Option<ProcessSample> {
-        let pid = self.pid?;
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let after_name = stat.rsplit_once(')')?.1;
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        // Fields 14 and 15 of stat (utime, stime) are at 11 and 12 after the name.
-        let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let kib = |key: &str| {
-            status
-                .lines()
-                .find(|line| line.starts_with(key))
-                .and_then(|line| line.split_whitespace().nth(1))
-                .and_then(|value| value.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        Some(ProcessSample {
-            cpu_seconds: ticks / 100.0,
-            rss_mib: kib("VmRSS:") / 1024.0,
-            peak_rss_mib: kib("VmHWM:") / 1024.0,
-        })
+        process_sample(self.pid?)
+    }
+
+    /// CPU of the broker and of this harness now, for the CPU each spends on
+    /// a scenario.
+    pub fn snapshot(&self) -> CpuSnapshot {
+        CpuSnapshot { broker: self.sample(), harness: process_sample(std::process::id()) }
     }
 
     /// Sizes of the job tables and their indexes, and vacuum's progress.

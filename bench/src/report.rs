@@ -39,6 +39,9 @@ pub struct ScenarioResult {
     pub jobs_per_second: f64,
     pub latency: Option<Latency>,
     pub broker_cpu_seconds: Option<f64>,
+    /// CPU this harness process spent on the run: its producers, workers
+    /// and gRPC stacks share the machine with the broker and PostgreSQL.
+    pub harness_cpu_seconds: Option<f64>,
     pub broker_rss_mib: Option<f64>,
     pub broker_peak_rss_mib: Option<f64>,
     /// Job tables at the end of the run.
@@ -72,6 +75,7 @@ pub fn failed(name: &str, error: &anyhow::Error) -> ScenarioResult {
         jobs_per_second: 0.0,
         latency: None,
         broker_cpu_seconds: None,
+        harness_cpu_seconds: None,
         broker_rss_mib: None,
         broker_peak_rss_mib: None,
         sizes: TableSizes::default(),
@@ -193,7 +197,7 @@ pub fn apply_ceilings(results: &mut [ScenarioResult], ceilings: &BTreeMap<String
 
 pub fn print_table(results: &[ScenarioResult], ceilings: &BTreeMap<String, f64>) {
     println!(
-        "{:<38} {:>9} {:>8} {:>11} {:>14} {:>7} {:>14} {:>7} {:>9} {:>9} {:>9}",
+        "{:<38} {:>9} {:>8} {:>11} {:>14} {:>7} {:>14} {:>7} {:>9} {:>9} {:>9} {:>11} {:>12}",
         "scenario",
         "jobs",
         "seconds",
@@ -204,14 +208,17 @@ pub fn print_table(results: &[ScenarioResult], ceilings: &BTreeMap<String, f64>)
         "paired",
         "p50 ms",
         "p99 ms",
-        "RSS MiB"
+        "RSS MiB",
+        "broker µs/j",
+        "harness µs/j"
     );
     for result in results {
         let ceiling = result.ceiling.and_then(|name| ceilings.get(name));
         let dash = || "-".to_owned();
         let percent = |ratio: f64| format!("{:.0} %", ratio * 100.0);
+        let per_job = |cpu_seconds: f64| format!("{:.1}", cpu_seconds * 1e6 / result.jobs.max(1) as f64);
         println!(
-            "{:<38} {:>9} {:>8.2} {:>11.0} {:>14} {:>7} {:>14} {:>7} {:>9} {:>9} {:>9}",
+            "{:<38} {:>9} {:>8.2} {:>11.0} {:>14} {:>7} {:>14} {:>7} {:>9} {:>9} {:>9} {:>11} {:>12}",
             result.name,
             result.jobs,
             result.seconds,
@@ -223,6 +230,8 @@ pub fn print_table(results: &[ScenarioResult], ceilings: &BTreeMap<String, f64>)
             result.latency.as_ref().map_or_else(dash, |latency| format!("{:.2}", latency.p50_ms)),
             result.latency.as_ref().map_or_else(dash, |latency| format!("{:.2}", latency.p99_ms)),
             result.broker_rss_mib.map_or_else(dash, |rss| format!("{rss:.1}")),
+            result.broker_cpu_seconds.map_or_else(dash, per_job),
+            result.harness_cpu_seconds.map_or_else(dash, per_job),
         );
         for note in &result.notes {
             println!("    {note}");

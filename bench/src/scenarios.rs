@@ -1,4 +1,5 @@
-//! The named scenarios. Producers are raw gRPC clients (one connection each);
+//! The named scenarios. Producers are raw gRPC clients (one connection each;
+//! the one-job producers on two threads of their own, as pgbench's clients);
 //! workers are SDK workers with a no-op handler (one connection each).
 
 use std::collections::BTreeMap;
@@ -105,7 +106,18 @@ async fn fill(
     batch: u64,
     keys: Option<u64>,
 ) -> Result<()> {
-    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    fill_from(clients, queue, count, batch, keys, Arc::new(std::sync::atomic::AtomicU64::new(0))).await
+}
+
+/// `fill` with the index of the next job to send shared with other callers.
+async fn fill_from(
+    clients: Vec<BrokerClient<tonic::transport::Channel>>,
+    queue: &str,
+    count: u64,
+    batch: u64,
+    keys: Option<u64>,
+    next: Arc<std::sync::atomic::AtomicU64>,
+) -> Result<()> {
     let mut tasks = Vec::new();
     for mut client in clients {
         let next = next.clone();
@@ -270,10 +282,11 @@ async fn result(
     name: &str,
     jobs: u64,
     elapsed: Duration,
-    before: Option<crate::broker::ProcessSample>,
+    before: crate::broker::CpuSnapshot,
     ceiling: Option<&'static str>,
 ) -> Result<ScenarioResult> {
-    let after = broker.sample();
+    let after = broker.snapshot();
+    let (broker_cpu_seconds, harness_cpu_seconds) = after.cpu_since(&before);
     let sizes = broker.table_sizes().await?;
     Ok(ScenarioResult {
         name: name.to_owned(),
@@ -281,12 +294,10 @@ async fn result(
         seconds: elapsed.as_secs_f64(),
         jobs_per_second: jobs as f64 / elapsed.as_secs_f64().max(1e-9),
         latency: None,
-        broker_cpu_seconds: match (before, after) {
-            (Some(before), Some(after)) => Some(after.cpu_seconds - before.cpu_seconds),
-            _ => None,
-        },
-        broker_rss_mib: after.map(|sample| sample.rss_mib),
-        broker_peak_rss_mib: after.map(|sample| sample.peak_rss_mib),
+        broker_cpu_seconds,
+        harness_cpu_seconds,
+        broker_rss_mib: after.broker.map(|sample| sample.rss_mib),
+        broker_peak_rss_mib: after.broker.map(|sample| sample.peak_rss_mib),
         sizes,
         size_samples: Vec::new(),
         ceiling,
@@ -315,7 +326,7 @@ pub async fn enqueue_bulk(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Sce
     let queue = sizes.queue("bench-bulk");
     create_queue(&broker.endpoint, &queue).await?;
     let clients = producers(&broker.endpoint, sizes.producers).await?;
-    let before = broker.sample();
+    let before = broker.snapshot();
     let started = Instant::now();
     fill(clients, &queue, sizes.jobs, 1000, None).await?;
     result(broker, "enqueue-bulk", sizes.jobs, started.elapsed(), before, Some("bulk_insert_1000")).await
@@ -324,11 +335,75 @@ pub async fn enqueue_bulk(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Sce
 pub async fn enqueue_single(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
     let queue = sizes.queue("bench-single");
     create_queue(&broker.endpoint, &queue).await?;
-    let clients = producers(&broker.endpoint, 16).await?;
-    let before = broker.sample();
+    let threads = ProducerThreads::connect(&broker.endpoint, &queue, sizes.jobs, 16, SINGLE_PRODUCER_THREADS).await?;
+    let before = broker.snapshot();
     let started = Instant::now();
-    fill(clients, &queue, sizes.jobs, 1, None).await?;
+    threads.fill().await?;
     result(broker, "enqueue-single (16 clients)", sizes.jobs, started.elapsed(), before, Some("single_insert_16")).await
+}
+
+/// Threads the one-job producers run on: as many as the ceiling's pgbench
+/// (`-j 2`).
+const SINGLE_PRODUCER_THREADS: usize = 2;
+
+/// Producers on OS threads of their own, each thread a single-threaded
+/// runtime that drives its share of the connections, as pgbench's threads
+/// each drive theirs: a call, its connection's I/O and the wake-up of its
+/// caller stay on one thread instead of crossing between the harness's
+/// runtime threads.
+struct ProducerThreads {
+    go: tokio::sync::watch::Sender<bool>,
+    done: Vec<tokio::sync::oneshot::Receiver<Result<()>>>,
+}
+
+impl ProducerThreads {
+    /// Starts `threads` threads with `clients` connections between them, and
+    /// returns once every connection is open; the jobs wait for `fill`.
+    async fn connect(endpoint: &str, queue: &str, count: u64, clients: usize, threads: usize) -> Result<Self> {
+        let threads = threads.clamp(1, clients.max(1));
+        let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (go, _) = tokio::sync::watch::channel(false);
+        let (ready_sender, mut ready) = tokio::sync::mpsc::channel::<()>(threads);
+        let mut done = Vec::with_capacity(threads);
+        for thread in 0..threads {
+            let share = clients / threads + usize::from(thread < clients % threads);
+            let (endpoint, queue, next) = (endpoint.to_owned(), queue.to_owned(), next.clone());
+            let (ready_sender, mut go) = (ready_sender.clone(), go.subscribe());
+            let (done_sender, done_receiver) = tokio::sync::oneshot::channel();
+            done.push(done_receiver);
+            std::thread::Builder::new().name(format!("producers-{thread}")).spawn(move || {
+                let outcome = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|runtime| {
+                        runtime.block_on(async move {
+                            let clients = producers(&endpoint, share).await?;
+                            // Sent, the sender goes: a thread that fails
+                            // drops its own, so the wait for the rest ends.
+                            let sent = ready_sender.send(()).await;
+                            drop(ready_sender);
+                            sent.context("the harness stopped waiting")?;
+                            go.wait_for(|go| *go).await.context("the harness stopped waiting")?;
+                            fill_from(clients, &queue, count, 1, None, next).await
+                        })
+                    });
+                let _ = done_sender.send(outcome);
+            })?;
+        }
+        drop(ready_sender);
+        while ready.recv().await.is_some() {}
+        Ok(Self { go, done })
+    }
+
+    /// Lets the threads send their jobs and waits until they have.
+    async fn fill(self) -> Result<()> {
+        self.go.send_replace(true);
+        for done in self.done {
+            done.await.context("a producer thread ended without an outcome")??;
+        }
+        Ok(())
+    }
 }
 
 /// Fills `queue` while it is paused, starts the workers and lets them open
@@ -347,7 +422,7 @@ async fn drain_queue(
     let (metrics, stop, handles) =
         start_workers(&worker_endpoints, queue, sizes.workers, sizes.concurrency, None, None).await?;
     tokio::time::sleep(WORKERS_SETTLE).await;
-    let before = broker.sample();
+    let before = broker.snapshot();
     let started = Instant::now();
     set_paused(&broker.endpoint, queue, false).await?;
     let elapsed = wait_finished(broker, &metrics, sizes.jobs, queue, started, Duration::from_secs(600)).await?;
@@ -383,7 +458,7 @@ pub async fn steady(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioR
         start_workers(&broker.endpoint, &queue, sizes.workers, sizes.concurrency, None, None).await?;
     tokio::time::sleep(WORKERS_SETTLE).await;
     let sizes_before = broker.table_sizes().await?;
-    let before = broker.sample();
+    let before = broker.snapshot();
     let deadline = Instant::now() + Duration::from_secs(sizes.seconds);
     let mut producer_tasks = Vec::new();
     for _ in 0..sizes.producers.max(1) {
@@ -435,7 +510,7 @@ pub async fn latency(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Scenario
     let (metrics, stop, handles) =
         start_workers(&broker.endpoint, &queue, 1, sizes.concurrency, None, Some(recorder.clone())).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = broker.sample();
+    let before = broker.snapshot();
     let total = sizes.rate * sizes.seconds;
     let interval = Duration::from_secs_f64(1.0 / sizes.rate.max(1) as f64);
     // Open loop: each job is sent at its due time whatever the answers of
@@ -517,7 +592,7 @@ async fn timed_drain(
     name: &str,
 ) -> Result<ScenarioResult> {
     let target = acked(metrics) + count;
-    let before = broker.sample();
+    let before = broker.snapshot();
     let started = Instant::now();
     set_paused(&broker.endpoint, queue, false).await?;
     while acked(metrics) < target {
@@ -627,6 +702,21 @@ mod tests {
         recorder.record(third, third + 10_001_000);
         assert_eq!(recorder.histogram.len(), 3);
         assert_eq!(recorder.late_by_second, BTreeMap::from([(0, 1), (2, 1)]));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn producer_threads_that_cannot_connect_report_it_instead_of_waiting() -> Result<()> {
+        // Nothing listens on port 1 of the loopback address.
+        let threads = tokio::time::timeout(
+            Duration::from_secs(30),
+            ProducerThreads::connect("http://127.0.0.1:1", "nowhere", 10, 4, 2),
+        )
+        .await
+        .context("the wait for the connections did not end")??;
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(30), threads.fill()).await.context("the fill did not end")?;
+        assert!(outcome.is_err(), "a fill without connections succeeded");
         Ok(())
     }
 }
