@@ -40,7 +40,7 @@ impl TableSizes {
     }
 }
 
-/// CPU seconds and memory of the broker process.
+/// CPU seconds and memory of a process: the broker, or this harness.
 #[derive(Clone, Copy, Debug, Default, serde::Serialize)]
 pub struct ProcessSample {
     pub cpu_seconds: f64,
