@@ -217,7 +217,8 @@ const LATE_MICROS: u64 = 10_000;
 /// Enqueue-to-handler latencies of the latency scenario.
 pub struct LatencyRecorder {
     histogram: Histogram<u64>,
-    /// When sending started (Unix nanoseconds, as in the payloads).
+    /// When sending started (Unix nanoseconds, as in the payloads); set
+    /// by [`LatencyRecorder::start_sending`].
     origin_nanos: u128,
     /// Jobs later than [`LATE_MICROS`], by the second of the run they were sent in.
     late_by_second: BTreeMap<u64, u64>,
@@ -227,9 +228,14 @@ impl LatencyRecorder {
     fn new() -> Result<Self> {
         Ok(Self {
             histogram: Histogram::new_with_bounds(1, 60_000_000, 3)?,
-            origin_nanos: now_nanos(),
+            origin_nanos: 0,
             late_by_second: BTreeMap::new(),
         })
+    }
+
+    /// Marks the start of sending: second 0 of the late-job counts.
+    fn start_sending(&mut self) {
+        self.origin_nanos = now_nanos();
     }
 
     /// Records a job sent at `sent_nanos` that started at `started_nanos`.
@@ -522,7 +528,7 @@ pub async fn latency(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Scenario
         clients.push(producer(&broker.endpoint).await?);
     }
     let in_flight = Arc::new(tokio::sync::Semaphore::new(1024));
-    recorder.lock().map_err(|_| anyhow::anyhow!("latency lock poisoned"))?.origin_nanos = now_nanos();
+    recorder.lock().map_err(|_| anyhow::anyhow!("latency lock poisoned"))?.start_sending();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for index in 0..total {
