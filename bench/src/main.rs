@@ -66,6 +66,13 @@ struct Args {
     /// Producer connections.
     #[arg(long, default_value_t = 4)]
     producers: usize,
+    /// HTTP/2 connections the 16 clients of enqueue-single share (2 to 16:
+    /// at least one for each of its two threads). 16, the default, gives
+    /// each client its own, as each of pgbench's 16 clients has its own;
+    /// fewer has several clients' calls share one, as tasks of one process
+    /// share a tonic `Channel`.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(2..=16))]
+    single_connections: u16,
     /// SDK worker processes-in-one (each its own connection).
     #[arg(long, default_value_t = 4)]
     workers: usize,
@@ -233,6 +240,7 @@ async fn main() -> Result<()> {
             let sizes = Sizes {
                 jobs: args.jobs,
                 producers: args.producers,
+                single_connections: usize::from(args.single_connections),
                 workers: args.workers,
                 concurrency: args.concurrency,
                 seconds: args.seconds,

@@ -23,6 +23,8 @@ use crate::report::{LateJobs, Latency, ScenarioResult};
 pub struct Sizes {
     pub jobs: u64,
     pub producers: usize,
+    /// Connections the 16 one-job producers share (16: one each).
+    pub single_connections: usize,
     pub workers: usize,
     pub concurrency: u32,
     pub seconds: u64,
@@ -341,16 +343,41 @@ pub async fn enqueue_bulk(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Sce
 pub async fn enqueue_single(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
     let queue = sizes.queue("bench-single");
     create_queue(&broker.endpoint, &queue).await?;
-    let threads = ProducerThreads::connect(&broker.endpoint, &queue, sizes.jobs, 16, SINGLE_PRODUCER_THREADS).await?;
+    let clients = Clients { clients: SINGLE_PRODUCERS, connections: sizes.single_connections };
+    let threads = ProducerThreads::connect(&broker.endpoint, &queue, sizes.jobs, clients, SINGLE_PRODUCER_THREADS).await?;
     let before = broker.snapshot();
     let started = Instant::now();
     threads.fill().await?;
-    result(broker, "enqueue-single (16 clients)", sizes.jobs, started.elapsed(), before, Some("single_insert_16")).await
+    let name = match sizes.single_connections {
+        connections if connections >= SINGLE_PRODUCERS => format!("enqueue-single ({SINGLE_PRODUCERS} clients)"),
+        connections => format!("enqueue-single ({SINGLE_PRODUCERS} clients, {connections} conn.)"),
+    };
+    result(broker, &name, sizes.jobs, started.elapsed(), before, Some("single_insert_16")).await
 }
+
+/// One-job producers: as many as the ceiling's pgbench clients (`-c 16`).
+const SINGLE_PRODUCERS: usize = 16;
 
 /// Threads the one-job producers run on: as many as the ceiling's pgbench
 /// (`-j 2`).
 const SINGLE_PRODUCER_THREADS: usize = 2;
+
+/// Concurrent callers, and the connections they share.
+#[derive(Clone, Copy, Debug)]
+struct Clients {
+    clients: usize,
+    connections: usize,
+}
+
+impl Clients {
+    /// This thread's share when `threads` threads split them: callers and
+    /// connections alike as evenly as they go, at least one connection.
+    fn share(self, thread: usize, threads: usize) -> Self {
+        let split = |total: usize| total / threads + usize::from(thread < total % threads);
+        let clients = split(self.clients);
+        Self { clients, connections: split(self.connections).clamp(1, clients.max(1)) }
+    }
+}
 
 /// Producers on OS threads of their own, each thread a single-threaded
 /// runtime that drives its share of the connections, as pgbench's threads
@@ -363,16 +390,17 @@ struct ProducerThreads {
 }
 
 impl ProducerThreads {
-    /// Starts `threads` threads with `clients` connections between them, and
-    /// returns once every connection is open; the jobs wait for `fill`.
-    async fn connect(endpoint: &str, queue: &str, count: u64, clients: usize, threads: usize) -> Result<Self> {
-        let threads = threads.clamp(1, clients.max(1));
+    /// Starts `threads` threads with the clients and their connections split
+    /// between them, and returns once every connection is open; the jobs wait
+    /// for `fill`. Clients of a thread take its connections in turn.
+    async fn connect(endpoint: &str, queue: &str, count: u64, clients: Clients, threads: usize) -> Result<Self> {
+        let threads = threads.clamp(1, clients.clients.max(1));
         let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (go, _) = tokio::sync::watch::channel(false);
         let (ready_sender, mut ready) = tokio::sync::mpsc::channel::<()>(threads);
         let mut done = Vec::with_capacity(threads);
         for thread in 0..threads {
-            let share = clients / threads + usize::from(thread < clients % threads);
+            let share = clients.share(thread, threads);
             let (endpoint, queue, next) = (endpoint.to_owned(), queue.to_owned(), next.clone());
             let (ready_sender, mut go) = (ready_sender.clone(), go.subscribe());
             let (done_sender, done_receiver) = tokio::sync::oneshot::channel();
@@ -384,7 +412,9 @@ impl ProducerThreads {
                     .map_err(anyhow::Error::from)
                     .and_then(|runtime| {
                         runtime.block_on(async move {
-                            let clients = producers(&endpoint, share).await?;
+                            let connections = producers(&endpoint, share.connections).await?;
+                            let clients =
+                                connections.iter().cycle().take(share.clients.max(1)).cloned().collect();
                             // Sent, the sender goes: a thread that fails
                             // drops its own, so the wait for the rest ends.
                             let sent = ready_sender.send(()).await;
@@ -698,6 +728,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn threads_split_the_clients_and_their_connections_without_losing_any() {
+        let shares = |clients: usize, connections: usize, threads: usize| -> Vec<(usize, usize)> {
+            (0..threads)
+                .map(|thread| Clients { clients, connections }.share(thread, threads))
+                .map(|share| (share.clients, share.connections))
+                .collect()
+        };
+        assert_eq!(shares(16, 16, 2), vec![(8, 8), (8, 8)], "a connection each");
+        assert_eq!(shares(16, 2, 2), vec![(8, 1), (8, 1)], "one connection a thread");
+        assert_eq!(shares(16, 3, 2), vec![(8, 2), (8, 1)]);
+        assert_eq!(shares(16, 1, 2), vec![(8, 1), (8, 1)], "a thread never goes without one");
+        assert_eq!(shares(3, 16, 2), vec![(2, 2), (1, 1)], "never more connections than callers");
+    }
+
+    #[test]
     fn a_late_job_counts_against_the_second_it_was_sent_in() -> Result<()> {
         let mut recorder = LatencyRecorder::new()?;
         recorder.origin_nanos = 100_000_000_000;
@@ -716,7 +761,7 @@ mod tests {
         // Nothing listens on port 1 of the loopback address.
         let threads = tokio::time::timeout(
             Duration::from_secs(30),
-            ProducerThreads::connect("http://127.0.0.1:1", "nowhere", 10, 4, 2),
+            ProducerThreads::connect("http://127.0.0.1:1", "nowhere", 10, Clients { clients: 4, connections: 4 }, 2),
         )
         .await
         .context("the wait for the connections did not end")??;
