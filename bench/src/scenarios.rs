@@ -344,7 +344,8 @@ pub async fn enqueue_single(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<S
     let queue = sizes.queue("bench-single");
     create_queue(&broker.endpoint, &queue).await?;
     let clients = Clients { clients: SINGLE_PRODUCERS, connections: sizes.single_connections };
-    let threads = ProducerThreads::connect(&broker.endpoint, &queue, sizes.jobs, clients, SINGLE_PRODUCER_THREADS).await?;
+    let threads =
+        ProducerThreads::connect(&broker.endpoint, &queue, sizes.jobs, clients, SINGLE_PRODUCER_THREADS).await?;
     let before = broker.snapshot();
     let started = Instant::now();
     threads.fill().await?;
@@ -413,8 +414,7 @@ impl ProducerThreads {
                     .and_then(|runtime| {
                         runtime.block_on(async move {
                             let connections = producers(&endpoint, share.connections).await?;
-                            let clients =
-                                connections.iter().cycle().take(share.clients.max(1)).cloned().collect();
+                            let clients = connections.iter().cycle().take(share.clients.max(1)).cloned().collect();
                             // Sent, the sender goes: a thread that fails
                             // drops its own, so the wait for the rest ends.
                             let sent = ready_sender.send(()).await;
