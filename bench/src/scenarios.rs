@@ -372,7 +372,8 @@ struct Clients {
 
 impl Clients {
     /// This thread's share when `threads` threads split them: callers and
-    /// connections alike as evenly as they go, at least one connection.
+    /// connections alike as evenly as they go, at least one connection and
+    /// no more connections than callers.
     fn share(self, thread: usize, threads: usize) -> Self {
         let split = |total: usize| total / threads + usize::from(thread < total % threads);
         let clients = split(self.clients);
