@@ -343,7 +343,7 @@ pub async fn enqueue_bulk(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<Sce
 pub async fn enqueue_single(broker: &BrokerUnderTest, sizes: &Sizes) -> Result<ScenarioResult> {
     let queue = sizes.queue("bench-single");
     create_queue(&broker.endpoint, &queue).await?;
-    let clients = Clients { clients: SINGLE_PRODUCERS, connections: sizes.single_connections };
+    let clients = Clients { callers: SINGLE_PRODUCERS, connections: sizes.single_connections };
     let threads =
         ProducerThreads::connect(&broker.endpoint, &queue, sizes.jobs, clients, SINGLE_PRODUCER_THREADS).await?;
     let before = broker.snapshot();
@@ -366,7 +366,7 @@ const SINGLE_PRODUCER_THREADS: usize = 2;
 /// Concurrent callers, and the connections they share.
 #[derive(Clone, Copy, Debug)]
 struct Clients {
-    clients: usize,
+    callers: usize,
     connections: usize,
 }
 
@@ -376,8 +376,8 @@ impl Clients {
     /// no more connections than callers.
     fn share(self, thread: usize, threads: usize) -> Self {
         let split = |total: usize| total / threads + usize::from(thread < total % threads);
-        let clients = split(self.clients);
-        Self { clients, connections: split(self.connections).clamp(1, clients.max(1)) }
+        let callers = split(self.callers);
+        Self { callers, connections: split(self.connections).clamp(1, callers.max(1)) }
     }
 }
 
@@ -396,7 +396,7 @@ impl ProducerThreads {
     /// between them, and returns once every connection is open; the jobs wait
     /// for `fill`. Clients of a thread take its connections in turn.
     async fn connect(endpoint: &str, queue: &str, count: u64, clients: Clients, threads: usize) -> Result<Self> {
-        let threads = threads.clamp(1, clients.clients.max(1));
+        let threads = threads.clamp(1, clients.callers.max(1));
         let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let (go, _) = tokio::sync::watch::channel(false);
         let (ready_sender, mut ready) = tokio::sync::mpsc::channel::<()>(threads);
@@ -415,7 +415,7 @@ impl ProducerThreads {
                     .and_then(|runtime| {
                         runtime.block_on(async move {
                             let connections = producers(&endpoint, share.connections).await?;
-                            let clients = connections.iter().cycle().take(share.clients.max(1)).cloned().collect();
+                            let clients = connections.iter().cycle().take(share.callers.max(1)).cloned().collect();
                             // Sent, the sender goes: a thread that fails
                             // drops its own, so the wait for the rest ends.
                             let sent = ready_sender.send(()).await;
@@ -730,10 +730,10 @@ mod tests {
 
     #[test]
     fn threads_split_the_clients_and_their_connections_without_losing_any() {
-        let shares = |clients: usize, connections: usize, threads: usize| -> Vec<(usize, usize)> {
+        let shares = |callers: usize, connections: usize, threads: usize| -> Vec<(usize, usize)> {
             (0..threads)
-                .map(|thread| Clients { clients, connections }.share(thread, threads))
-                .map(|share| (share.clients, share.connections))
+                .map(|thread| Clients { callers, connections }.share(thread, threads))
+                .map(|share| (share.callers, share.connections))
                 .collect()
         };
         assert_eq!(shares(16, 16, 2), vec![(8, 8), (8, 8)], "a connection each");
@@ -762,7 +762,7 @@ mod tests {
         // Nothing listens on port 1 of the loopback address.
         let threads = tokio::time::timeout(
             Duration::from_secs(30),
-            ProducerThreads::connect("http://127.0.0.1:1", "nowhere", 10, Clients { clients: 4, connections: 4 }, 2),
+            ProducerThreads::connect("http://127.0.0.1:1", "nowhere", 10, Clients { callers: 4, connections: 4 }, 2),
         )
         .await
         .context("the wait for the connections did not end")??;
