@@ -210,22 +210,24 @@ impl BrokerUnderTest {
         // time of a latency spike). So the session flushes them first.
         let mut connection = self.pool.acquire().await?;
         // The broker may still be handing back the leases of workers that
-        // just stopped; its statement and this delete can then lock the same
+        // just stopped, and its retention purge deletes finished jobs at
+        // any time: its statements and these deletes can then lock the same
         // rows in opposite orders, and PostgreSQL cancels one of them.
-        let mut attempt = 0;
-        while let Err(error) =
-            sqlx::query("DELETE FROM workbroker.jobs WHERE queue LIKE 'bench-%'").execute(&mut *connection).await
-        {
-            let deadlock = error.as_database_error().and_then(|error| error.code()).is_some_and(|code| code == "40P01");
-            attempt += 1;
-            if !deadlock || attempt == 5 {
-                return Err(error.into());
+        for statement in [
+            "DELETE FROM workbroker.jobs WHERE queue LIKE 'bench-%'",
+            "DELETE FROM workbroker.finished_jobs WHERE queue LIKE 'bench-%'",
+        ] {
+            let mut attempt = 0;
+            while let Err(error) = sqlx::query(statement).execute(&mut *connection).await {
+                let deadlock =
+                    error.as_database_error().and_then(|error| error.code()).is_some_and(|code| code == "40P01");
+                attempt += 1;
+                if !deadlock || attempt == 5 {
+                    return Err(error.into());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        sqlx::query("DELETE FROM workbroker.finished_jobs WHERE queue LIKE 'bench-%'")
-            .execute(&mut *connection)
-            .await?;
         // PostgreSQL 15 and later; an older server flushes on its own time.
         if let Err(error) = sqlx::query("SELECT pg_stat_force_next_flush()").execute(&mut *connection).await {
             eprintln!(
